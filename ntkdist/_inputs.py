@@ -1,0 +1,146 @@
+"""Checks at the boundary: every bad argument fails here, with what to do."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._errors import InputError, ModelError
+from ._model import Model
+from .kernels import OUTPUTS, STRATEGIES, AbstractKernelStrategy
+
+
+def check_output(output: str) -> str:
+    """``output`` must be one of :data:`ntkdist.kernels.OUTPUTS`."""
+    if output not in OUTPUTS:
+        raise InputError(
+            f"output={output!r} is not known; expected one of {list(OUTPUTS)} "
+            "(see ntkdist.ntk's docstring for each formula)."
+        )
+    return output
+
+
+def check_strategy(strategy: str | AbstractKernelStrategy) -> None:
+    """``strategy`` must be ``"auto"``, a known name or a strategy instance."""
+    if isinstance(strategy, AbstractKernelStrategy) or strategy == "auto":
+        return
+    if strategy not in STRATEGIES:
+        raise InputError(
+            f"strategy={strategy!r} is not known; expected 'auto', one of "
+            f"{list(STRATEGIES)}, or an AbstractKernelStrategy instance."
+        )
+
+
+def check_params(params: Any, *, check_finite: bool = True) -> None:
+    """Params must be a non-empty pytree of finite floating-point arrays."""
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    if not flat:
+        raise InputError(
+            "params has no array leaves; expected a pytree (dict, list, tuple) of "
+            "floating-point arrays holding the model's trainable parameters."
+        )
+    for path, leaf in flat:
+        name = jax.tree_util.keystr(path) or "params"
+        dtype = jnp.result_type(leaf)
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise InputError(
+                f"params{name if name != 'params' else ''} has dtype {dtype}; the "
+                "NTK differentiates with respect to every params leaf, so each must "
+                "be a real floating-point array. Move integer or complex leaves "
+                "(step counters, masks, RNG keys) out of params, into apply_fn's "
+                "closure."
+            )
+        if check_finite and not bool(jnp.all(jnp.isfinite(leaf))):
+            raise InputError(
+                f"params{name if name != 'params' else ''} holds NaN or inf; the "
+                "kernel would be NaN. Check the initialisation or the checkpoint "
+                "(or pass check_finite=False to compute anyway)."
+            )
+
+
+def as_inputs(x: Any, name: str, *, integer_inputs: bool = False,
+              check_finite: bool = True) -> jax.Array | np.ndarray:
+    """Check one input array: ``[n, *features]`` with ``n >= 1``, real floating."""
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        x = np.asarray(x)
+    if len(x.shape) < 1:
+        raise InputError(
+            f"{name} has shape {tuple(x.shape)}; expected [n, *features] with a "
+            "leading sample axis. Wrap a single sample as x[None]."
+        )
+    if x.shape[0] == 0:
+        raise InputError(f"{name} is empty (shape {tuple(x.shape)}); pass at least one sample.")
+    dtype = np.dtype(x.dtype)
+    if np.issubdtype(dtype, np.complexfloating):
+        raise InputError(f"{name} has complex dtype {dtype}; ntkdist computes real NTKs only.")
+    if not np.issubdtype(dtype, np.floating) and not (
+        integer_inputs and np.issubdtype(dtype, np.integer)
+    ):
+        raise InputError(
+            f"{name} has dtype {dtype}; expected a floating-point array. Cast it "
+            f"(for example {name}.astype('float32')), or pass integer_inputs=True if "
+            "the model takes integer ids (token or class indices)."
+        )
+    if check_finite and np.issubdtype(dtype, np.floating) and not bool(
+        jnp.all(jnp.isfinite(jnp.asarray(x)))
+    ):
+        raise InputError(
+            f"{name} holds NaN or inf; the kernel rows of those samples would be NaN. "
+            "Clean the data (or pass check_finite=False to compute anyway)."
+        )
+    return x
+
+
+def check_pair(x1: Any, x2: Any | None) -> None:
+    """x1 and x2 must have the same per-sample feature shape."""
+    if x2 is not None and tuple(x1.shape[1:]) != tuple(x2.shape[1:]):
+        raise InputError(
+            f"x1 has samples of shape {tuple(x1.shape[1:])} but x2 has "
+            f"{tuple(x2.shape[1:])}; both must hold samples of the model's input "
+            "shape (the leading axis is the sample axis)."
+        )
+
+
+def check_model(model: Model, params: Any, x: Any, *, independence: bool = True) -> int:
+    """The model must map ``[n, ...]`` to ``[n, O]`` per sample; returns ``O``."""
+    probe = jax.ShapeDtypeStruct((2, *x.shape[1:]), x.dtype)
+    try:
+        out = jax.eval_shape(model.apply_fn, params, probe)
+    except Exception as err:
+        raise ModelError(
+            f"apply_fn(params, x) failed on a batch of shape {probe.shape} "
+            f"({type(err).__name__}: {err}); expected it to accept params and a "
+            "batch [n, *features] and return an array [n, O] (or [n])."
+        ) from err
+    shape = getattr(out, "shape", None)
+    if shape is None or len(shape) < 1 or shape[0] != 2:
+        got = f"shape {tuple(shape)}" if shape is not None else f"a {type(out).__name__}"
+        raise ModelError(
+            f"apply_fn(params, x) returned {got} for a batch of 2 samples; expected "
+            "an array [n, O] (or [n]) with the sample axis first. If the model "
+            "returns a tuple or dict, wrap it: lambda p, x: model(p, x)['logits']."
+        )
+    if not jnp.issubdtype(out.dtype, jnp.floating):
+        raise ModelError(f"apply_fn returned dtype {out.dtype}; expected floating point.")
+    if independence and x.shape[0] >= 2:
+        _check_independent(model, params, x)
+    return int(np.prod(shape[1:], dtype=np.int64))
+
+
+def _check_independent(model: Model, params: Any, x: Any) -> None:
+    xs = jnp.asarray(x[: min(4, x.shape[0])])
+    batched = model(params, xs)
+    alone = jnp.concatenate([model(params, xs[i : i + 1]) for i in range(xs.shape[0])])
+    tol = 1e-4 if batched.dtype == jnp.float32 else 1e-9
+    scale = float(jnp.max(jnp.abs(alone))) + 1.0
+    if float(jnp.max(jnp.abs(batched - alone))) > tol * scale:
+        raise ModelError(
+            "apply_fn's output for a sample depends on the other samples in the "
+            "batch (for example batch-norm statistics computed from the batch, or "
+            "attention across the batch axis). The eNTK is defined per sample, and "
+            "tiling would change it: evaluate norms with fixed statistics (inference "
+            "mode), or pass check_independence=False if this is intended."
+        )

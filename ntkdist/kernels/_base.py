@@ -1,0 +1,145 @@
+"""The strategy interface and the four output forms.
+
+Output forms, for ``Θ[i, j, a, b] = <∂f_a(x1_i)/∂θ, ∂f_b(x2_j)/∂θ>``:
+
+========== ================ ==============================================
+output     shape            definition
+========== ================ ==============================================
+full       (N1, N2, O, O)   ``Θ[i, j, a, b]``
+trace      (N1, N2)         ``(1/O) Σ_a Θ[i, j, a, a]`` (neural-tangents
+                            ``trace_axes=(-1,)``: it averages)
+diagonal   (N1, N2, O)      ``Θ[i, j, a, a]``
+pntk       (N1, N2)         ``(1/O) Σ_a Σ_b Θ[i, j, a, b]``, the NTK of
+                            ``Σ_a f_a / √O`` (Mohamadi & Sutherland 2023)
+========== ================ ==============================================
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Any, ClassVar, Literal
+
+import jax
+import jax.numpy as jnp
+
+from .._model import Model
+
+Output = Literal["full", "trace", "diagonal", "pntk"]
+OUTPUTS: tuple[str, ...] = ("full", "trace", "diagonal", "pntk")
+
+
+def tile_shape(output: str, n1: int, n2: int, out_dim: int) -> tuple[int, ...]:
+    """Shape of a kernel (or tile) of ``output`` form."""
+    return {
+        "full": (n1, n2, out_dim, out_dim),
+        "trace": (n1, n2),
+        "diagonal": (n1, n2, out_dim),
+        "pntk": (n1, n2),
+    }[output]
+
+
+def cotangents(output: str, out_dim: int, dtype: Any) -> jax.Array:
+    """Output cotangents whose vjps give the factors needed for ``output``.
+
+    ``pntk`` needs one: the all-``1/√O`` vector. The others need the basis.
+    """
+    if output == "pntk":
+        return jnp.full((1, out_dim), 1.0 / jnp.sqrt(out_dim), dtype=dtype)
+    return jnp.eye(out_dim, dtype=dtype)
+
+
+def contract_rows(g1: jax.Array, g2: jax.Array, output: str) -> jax.Array:
+    """Contract per-sample, per-cotangent gradients ``g[n, o, p]`` into a tile.
+
+    ``o`` is ``O`` (for full/trace/diagonal) or 1 (for pntk, whose cotangent
+    already carries the ``1/√O``).
+    """
+    if output == "full":
+        return jnp.einsum("iap,jbp->ijab", g1, g2)
+    if output == "pntk":
+        return jnp.einsum("ip,jp->ij", g1[:, 0], g2[:, 0])
+    diag = jnp.einsum("iap,jap->ija", g1, g2)
+    return diag if output == "diagonal" else jnp.mean(diag, axis=-1)
+
+
+def symmetrize(k: jax.Array, output: str) -> jax.Array:
+    """Make a square tile exactly symmetric: ``Θ[i,j,a,b] = Θ[j,i,b,a]``."""
+    if output == "full":
+        return (k + k.transpose(1, 0, 3, 2)) / 2
+    if output == "diagonal":
+        return (k + k.transpose(1, 0, 2)) / 2
+    return (k + k.T) / 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Cost:
+    """Predicted work for one tile: floating-point operations and peak bytes."""
+
+    flops: float
+    bytes: float
+
+
+class AbstractKernelStrategy(abc.ABC):
+    """How one tile of the kernel is computed.
+
+    A strategy splits a tile into per-tile *factors* (``factors``, which depend
+    on one tile's samples only) and a *contraction* of two tiles' factors
+    (``contract``). Engines cache factors across tiles; ``tile`` is both steps.
+    Subclasses are frozen dataclasses, hashable, so they can be static
+    arguments of jitted functions.
+    """
+
+    name: ClassVar[str]
+
+    @abc.abstractmethod
+    def factors(self, model: Model, params: Any, x: jax.Array, output: str) -> Any:
+        """Per-sample factors of the samples ``x`` (a pytree of arrays)."""
+
+    @abc.abstractmethod
+    def contract(
+        self, model: Model, params: Any, f1: Any, f2: Any, output: str
+    ) -> jax.Array:
+        """The kernel tile between two sets of factors."""
+
+    @abc.abstractmethod
+    def cost(
+        self, model: Model, params: Any, x: jax.Array, n1: int, n2: int, output: str
+    ) -> Cost:
+        """Predicted work of one ``n1 × n2`` tile (``x`` gives the feature shape)."""
+
+    def tile(
+        self, model: Model, params: Any, x1: jax.Array, x2: jax.Array | None,
+        output: str,
+    ) -> jax.Array:
+        """The kernel between ``x1`` and ``x2`` (``None``: ``x1``, symmetric)."""
+        return _tile(self, model, output, params, x1, x2)
+
+
+def _tile_impl(
+    strategy: AbstractKernelStrategy, model: Model, output: str, params: Any,
+    x1: jax.Array, x2: jax.Array | None,
+) -> jax.Array:
+    f1 = strategy.factors(model, params, x1, output)
+    if x2 is None:
+        return symmetrize(strategy.contract(model, params, f1, f1, output), output)
+    f2 = strategy.factors(model, params, x2, output)
+    return strategy.contract(model, params, f1, f2, output)
+
+
+_tile = jax.jit(_tile_impl, static_argnums=(0, 1, 2))
+
+
+def param_count(params: Any) -> int:
+    """Number of scalar parameters in a pytree."""
+    return sum(int(jnp.size(v)) for v in jax.tree_util.tree_leaves(params))
+
+
+def forward_flops(model: Model, params: Any, x_one: jax.Array) -> float:
+    """XLA's FLOP count of one forward pass on one sample (batch of 1)."""
+    lowered = jax.jit(model).lower(params, x_one)
+    analysis = lowered.cost_analysis()
+    if isinstance(analysis, list):  # older jax returned one dict per device
+        analysis = analysis[0] if analysis else {}
+    flops = float((analysis or {}).get("flops", 0.0))
+    return max(flops, 2.0 * param_count(params))

@@ -1,0 +1,344 @@
+"""Structured derivatives: the NTK from activations and deltas, never from J.
+
+For a weight used as ``y = dot(act, W)`` the per-sample gradient of output
+``a`` is ``Σ_t act_t ⊗ δ_{a,t}`` (``t`` runs over the activation's free axes,
+for example positions in a sequence or a convolution's output pixels). Two
+ways to get that weight's share of ``Θ[i, j, a, b]``:
+
+* **gram** (the paper's structured rule):
+  ``Σ_{t,u} <act1_{i,t}, act2_{j,u}> <δ1_{i,a,t}, δ2_{j,b,u}>``,
+  costing ``T²·(C + O²·F)`` per pair of samples; best when ``T`` is small.
+* **rows**: form the per-sample gradient of that weight alone from the
+  factors (``O·T·C·F`` per sample), then contract (``O²·C·F`` per pair);
+  best for convolutions over large images.
+
+Each weight (parameter leaf) gets the cheaper of the two for a nominal tile
+size. Uses of one leaf with the same layout (weight sharing, scan steps) are
+concatenated along ``T``, which sums every cross term. Leaves with no rule use
+their explicit Jacobian rows; only those rows are ever materialised.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Sequence
+from typing import Any, final
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from .._model import Model
+from . import _walk
+from ._base import AbstractKernelStrategy, Cost, contract_rows, cotangents
+
+
+@functools.lru_cache(maxsize=64)
+def _analysis(
+    model: Model, treedef: Any, leaf_avals: tuple[Any, ...], x_aval: Any
+) -> _walk.Analysis:
+    avals = [jax.ShapeDtypeStruct(s, d) for s, d in leaf_avals]
+    return _walk.analyse(model, avals, treedef, jax.ShapeDtypeStruct(*x_aval))
+
+
+def analysis_for(model: Model, params: Any, x: jax.Array) -> _walk.Analysis:
+    """The (cached) walk of ``model`` for params and inputs shaped like these."""
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    leaf_avals = tuple((tuple(jnp.shape(v)), jnp.result_type(v)) for v in leaves)
+    x_aval = ((1, *x.shape[1:]), jnp.result_type(x))
+    return _analysis(model, treedef, leaf_avals, x_aval)
+
+
+# -- canonical layouts ------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """How to view one use as ``out[B, T, F] = Σ_c act[B, T, C] W[B, C, F]``."""
+
+    signature: tuple[Any, ...] | None  # None: no gram rule (use rows)
+    b: int
+    t: int
+    c: int
+    f: int
+
+
+def _dot_axes(use: _walk.Use) -> tuple[list[int], list[int], list[int], list[int]]:
+    (lc, rc), (lb, rb) = use.params["dimension_numbers"]
+    wc, ac = (lc, rc) if use.weight_pos == 0 else (rc, lc)
+    wb, ab = (lb, rb) if use.weight_pos == 0 else (rb, lb)
+    return list(wc), list(ac), list(wb), list(ab)
+
+
+def _layout(use: _walk.Use) -> _Layout:
+    size = lambda shape, axes: math.prod(shape[a] for a in axes)
+    if use.primitive == "dot_general":
+        wc, ac, wb, ab = _dot_axes(use)
+        af = [d for d in range(len(use.act_shape)) if d not in ac + ab]
+        wf = [d for d in range(len(use.weight_shape)) if d not in wc + wb]
+        sig = ("dot", use.chain, use.weight_shape, tuple(sorted(wc)), tuple(sorted(wb)))
+        return _Layout(sig, size(use.weight_shape, wb), size(use.act_shape, af),
+                       size(use.weight_shape, wc), size(use.weight_shape, wf))
+    dn = use.params["dimension_numbers"]
+    lhs_spec, rhs_spec, out_spec = dn.lhs_spec, dn.rhs_spec, dn.out_spec
+    t = math.prod(use.out_shape[d] for d in (out_spec[0], *out_spec[2:]))
+    c = math.prod(use.weight_shape[d] for d in rhs_spec[1:])
+    f = use.weight_shape[rhs_spec[0]]
+    grouped = use.params["feature_group_count"] != 1 or use.params["batch_group_count"] != 1
+    sig = None if grouped else ("conv", use.chain, use.weight_shape, tuple(rhs_spec))
+    del lhs_spec
+    return _Layout(sig, 1, t, c, f)
+
+
+def _canon_act(use: _walk.Use, act: jax.Array) -> jax.Array:
+    """One sample's activation as ``[B, T, C]`` (matching the weight's ``C`` order)."""
+    if use.primitive == "dot_general":
+        wc, ac, wb, ab = _dot_axes(use)
+        ac_s = [a for _, a in sorted(zip(wc, ac, strict=True))]
+        ab_s = [a for _, a in sorted(zip(wb, ab, strict=True))]
+        af = [d for d in range(act.ndim) if d not in ac + ab]
+        lay = _layout(use)
+        return act.transpose(*ab_s, *af, *ac_s).reshape(lay.b, lay.t, lay.c)
+    p = use.params
+    dn = p["dimension_numbers"]
+    filt = [use.weight_shape[d] for d in dn.rhs_spec[2:]]
+    patches = lax.conv_general_dilated_patches(
+        act, filt, p["window_strides"], p["padding"], p["lhs_dilation"],
+        p["rhs_dilation"], dn, precision=p["precision"],
+    )
+    out_spec = dn.out_spec
+    c = patches.shape[out_spec[1]]
+    return patches.transpose(out_spec[0], *out_spec[2:], out_spec[1]).reshape(1, -1, c)
+
+
+def _canon_delta(use: _walk.Use, delta: jax.Array) -> jax.Array:
+    """One sample's deltas ``[o, *out]`` as ``[o, B, T, F]``."""
+    o = delta.shape[0]
+    lay = _layout(use)
+    if use.primitive == "dot_general":
+        wc, ac, wb, ab = _dot_axes(use)
+        nb = len(wb)
+        order = sorted(range(nb), key=lambda k: wb[k])
+        n_af = len(use.act_shape) - len(ac) - nb
+        n_wf = len(use.weight_shape) - len(wc) - nb
+        af = list(range(nb, nb + n_af)) if use.weight_pos == 1 else list(
+            range(nb + n_wf, nb + n_wf + n_af))
+        wf = list(range(nb + n_af, nb + n_af + n_wf)) if use.weight_pos == 1 else list(
+            range(nb, nb + n_wf))
+        perm = [0] + [1 + d for d in (*order, *af, *wf)]
+        return delta.transpose(perm).reshape(o, lay.b, lay.t, lay.f)
+    out_spec = use.params["dimension_numbers"].out_spec
+    perm = [0] + [1 + d for d in (out_spec[0], *out_spec[2:], out_spec[1])]
+    return delta.transpose(perm).reshape(o, 1, lay.t, lay.f)
+
+
+def _weight_rows(use: _walk.Use, act: jax.Array, delta: jax.Array) -> jax.Array:
+    """One sample's gradient of the weight for each cotangent: ``[o, P]``."""
+    def fwd(w: jax.Array) -> jax.Array:
+        ops = (w, act) if use.weight_pos == 0 else (act, w)
+        return use.bind(*ops)
+
+    _, vjp = jax.vjp(fwd, jnp.zeros(use.weight_shape, delta.dtype))
+    (g,) = jax.vmap(vjp)(delta)
+    return g.reshape(delta.shape[0], -1)
+
+
+# -- grouping and costs -----------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Group:
+    leaf: int
+    uses: tuple[_walk.Use, ...]
+    gram: bool
+
+
+def _pairs(output: str, o: int) -> int:
+    return {"full": o * o, "pntk": 1}.get(output, o)
+
+
+def _group_costs(uses: Sequence[_walk.Use], output: str, o: int,
+                 nominal: int) -> tuple[float | None, float]:
+    """Per-pair FLOPs of the gram rule (None if impossible) and of the rows rule."""
+    lays = [_layout(u) for u in uses]
+    rows_o = 1 if output == "pntk" else o
+    p = math.prod(uses[0].weight_shape)
+    build = sum(2.0 * rows_o * lay.b * lay.t * lay.c * lay.f for lay in lays)
+    rows = 2.0 * _pairs(output, o) * p + 2 * build / nominal
+    if any(lay.signature is None for lay in lays) or len(
+        {lay.signature for lay in lays}
+    ) != 1:
+        return None, rows
+    b, c, f = lays[0].b, lays[0].c, lays[0].f
+    t = sum(lay.t for lay in lays)
+    pairs = _pairs(output, o)
+    gram = 2.0 * b * t * t * c + pairs * (2.0 * b * t * t * f + 2.0 * b * t * t)
+    return gram, rows
+
+
+@final
+@dataclasses.dataclass(frozen=True)
+class StructuredDerivatives(AbstractKernelStrategy):
+    """Structured derivatives (Novak, Sohl-Dickstein & Schoenholz, ICML 2022).
+
+    Works on any JAX function by walking its jaxpr (see ``ntkdist.kernels._walk``):
+    ``dot_general`` and convolution weights get rules, weight sharing and
+    ``lax.scan`` (unrolled) are summed over uses, calls such as ``jax.jit`` and
+    ``jax.checkpoint`` are inlined, and leaves with no rule (biases, norm
+    scales, weights consumed in other ways) use explicit per-leaf Jacobians.
+
+    Args:
+        nominal_tile: the tile size for which each weight picks between the
+            gram rule and per-weight Jacobian rows (the choice must not depend
+            on a tile's actual size, so that ragged tiles contract with full ones).
+        mode: ``"auto"`` (cheapest per weight), ``"gram"`` (gram rule wherever
+            it applies) or ``"rows"`` (per-weight Jacobian rows everywhere).
+    """
+
+    name = "structured"
+    nominal_tile: int = 256
+    mode: str = "auto"
+
+    def groups(
+        self, model: Model, params: Any, x: jax.Array, output: str
+    ) -> tuple[list[_Group], list[int]]:
+        """Weight groups (with their rule) and the leaves left to fallback."""
+        an = analysis_for(model, params, x)
+        o = int(math.prod(an.jaxpr.out_avals[0].shape[1:]))
+        by_leaf: dict[int, list[_walk.Use]] = {}
+        for u in an.uses:
+            if u.leaf not in an.fallback:
+                by_leaf.setdefault(u.leaf, []).append(u)
+        groups = []
+        for leaf, uses in sorted(by_leaf.items()):
+            if len({u.chain for u in uses}) != 1:
+                continue  # the same leaf reached through different chains
+            gram, rows = _group_costs(uses, output, o, self.nominal_tile)
+            use_gram = gram is not None and (
+                self.mode == "gram" or (self.mode == "auto" and gram <= rows))
+            groups.append(_Group(leaf, tuple(uses), use_gram))
+        covered = {g.leaf for g in groups}
+        fallback = [k for k in range(an.n_leaves) if k not in covered]
+        return groups, fallback
+
+    def factors(self, model: Model, params: Any, x: jax.Array, output: str) -> Any:
+        """Gram factors ``(act[n,B,T,C], delta[n,o,B,T,F])`` per gram weight, and
+        Jacobian rows ``[n, o, P_rows]`` for every other parameter."""
+        an = analysis_for(model, params, x)
+        groups, fb = self.groups(model, params, x, output)
+        leaves = jax.tree_util.tree_leaves(params)
+        active = frozenset(u.index for g in groups for u in g.uses)
+        uses = {u.index: u for u in an.uses}
+        probes = {i: jnp.zeros(uses[i].out_shape, uses[i].dtype) for i in active}
+        fb_leaves = [leaves[k] for k in fb]
+
+        def one(xi: jax.Array) -> Any:
+            def f(probes: Any, fb_leaves: Any) -> Any:
+                lv = list(leaves)
+                for k, v in zip(fb, fb_leaves, strict=True):
+                    lv[k] = v
+                out, acts, scales = _walk.run(an, lv, xi[None], probes, active)
+                return out.reshape(-1), (acts, scales)
+
+            out, vjp, (acts, scales) = jax.vjp(f, probes, fb_leaves, has_aux=True)
+            cts = cotangents(output, out.shape[0], out.dtype)
+            deltas, dfb = jax.vmap(vjp)(cts)
+            return _sample_factors(groups, acts, scales, deltas, dfb)
+
+        grams, rows = jax.vmap(one)(x)
+        return grams, rows
+
+    def contract(
+        self, model: Model, params: Any, f1: Any, f2: Any, output: str
+    ) -> jax.Array:
+        """Sum of every gram weight's share and the rows' ``J1 J2ᵀ``."""
+        (grams1, rows1), (grams2, rows2) = f1, f2
+        parts = []
+        if rows1 is not None:
+            parts.append(contract_rows(rows1, rows2, output))
+        for (a1, d1), (a2, d2) in zip(grams1, grams2, strict=True):
+            parts.append(_gram_contract(a1, d1, a2, d2, output))
+        return sum(parts[1:], parts[0])
+
+    def cost(
+        self, model: Model, params: Any, x: jax.Array, n1: int, n2: int, output: str
+    ) -> Cost:
+        """Factor passes plus contraction FLOPs; bytes of both tiles' factors."""
+        from ._base import forward_flops  # noqa: PLC0415
+
+        an = analysis_for(model, params, x)
+        groups, fb = self.groups(model, params, x, output)
+        o = int(math.prod(an.jaxpr.out_avals[0].shape[1:]))
+        rows_o = 1 if output == "pntk" else o
+        fp = forward_flops(model, params, x[:1])
+        leaves = jax.tree_util.tree_leaves(params)
+        flops = (n1 + n2) * (2 * fp + rows_o * 2 * fp)
+        factor_items = 0.0
+        p_rows = sum(math.prod(jnp.shape(leaves[k])) for k in fb)
+        for g in groups:
+            gram, rows = _group_costs(g.uses, output, o, self.nominal_tile)
+            lays = [_layout(u) for u in g.uses]
+            if g.gram:
+                flops += n1 * n2 * float(gram or 0.0)
+                t = sum(lay.t for lay in lays)
+                factor_items += lays[0].b * t * (lays[0].c + rows_o * lays[0].f)
+            else:
+                flops += (n1 + n2) * sum(
+                    2.0 * rows_o * la.b * la.t * la.c * la.f for la in lays)
+                p_rows += math.prod(g.uses[0].weight_shape)
+        flops += 2.0 * n1 * n2 * _pairs(output, o) * p_rows
+        factor_items += rows_o * p_rows
+        item = jnp.result_type(*leaves, x).itemsize
+        out_items = n1 * n2 * {"full": o * o, "diagonal": o}.get(output, 1)
+        return Cost(flops=float(flops),
+                    bytes=float(item * ((n1 + n2) * factor_items + out_items)))
+
+
+def _sample_factors(
+    groups: Sequence[_Group], acts: dict[int, jax.Array], scales: dict[int, Any],
+    deltas: dict[int, jax.Array], dfb: Sequence[jax.Array],
+) -> tuple[list[tuple[jax.Array, jax.Array]], jax.Array | None]:
+    grams = []
+    rows = []
+    for g in groups:
+        if g.gram:
+            a = [_scale(_canon_act(u, acts[u.index]), scales[u.index])
+                 for u in g.uses]
+            d = [_canon_delta(u, deltas[u.index]) for u in g.uses]
+            grams.append((jnp.concatenate(a, axis=1), jnp.concatenate(d, axis=2)))
+        else:
+            r = [_scale(_weight_rows(u, acts[u.index], deltas[u.index]),
+                        scales[u.index]) for u in g.uses]
+            rows.append(sum(r[1:], r[0]))
+    o = next(iter(deltas.values())).shape[0] if deltas else (
+        dfb[0].shape[0] if dfb else 1)
+    rows.extend(v.reshape(o, -1) for v in dfb)
+    return grams, (jnp.concatenate(rows, axis=1) if rows else None)
+
+
+def _scale(v: jax.Array, s: Any) -> jax.Array:
+    return v if s is None else v * jnp.asarray(s, v.dtype)
+
+
+def _gram_contract(
+    a1: jax.Array, d1: jax.Array, a2: jax.Array, d2: jax.Array, output: str
+) -> jax.Array:
+    """One weight's share from gram factors (see the module docstring)."""
+    if a1.shape[1] == 1 and a1.shape[2] == 1 and a2.shape[2] == 1:
+        ga = a1[:, 0, 0] @ a2[:, 0, 0].T
+        e1, e2 = d1[:, :, 0, 0], d2[:, :, 0, 0]
+        if output == "full":
+            return ga[:, :, None, None] * jnp.einsum("iaf,jbf->ijab", e1, e2)
+        if output == "pntk":
+            return ga * (e1[:, 0] @ e2[:, 0].T)
+        diag = ga[:, :, None] * jnp.einsum("iaf,jaf->ija", e1, e2)
+        return diag if output == "diagonal" else jnp.mean(diag, axis=-1)
+    ga = jnp.einsum("ibtc,jbuc->ijbtu", a1, a2)
+    if output == "full":
+        return jnp.einsum("ijbtu,iabtf,jcbuf->ijac", ga, d1, d2)
+    if output == "pntk":
+        return jnp.einsum("ijbtu,ibtf,jbuf->ij", ga, d1[:, 0], d2[:, 0])
+    diag = jnp.einsum("ijbtu,iabtf,jabuf->ija", ga, d1, d2)
+    return diag if output == "diagonal" else jnp.mean(diag, axis=-1)

@@ -1,0 +1,381 @@
+"""Walk a model's jaxpr to find weight uses, then re-run it with probes on them.
+
+Structured derivatives need, for every place a parameter is consumed as the
+weight of a bilinear primitive (``dot_general``, ``conv_general_dilated``),
+the other operand (the *activation*) and the cotangent of the primitive's
+output (the *delta*). This module gets both from any JAX function:
+
+1. ``analyse`` interprets the per-sample jaxpr abstractly, tagging each value
+   with where it came from. A value is a *chain* of leaf ``k`` when it equals
+   ``scale * L(leaf_k)`` for ``L`` a composition of reshapes, transposes, dtype
+   casts and scalings by constants: such ``L`` preserve Frobenius inner
+   products up to ``scale**2``, so the leaf's NTK equals ``scale**2`` times the
+   NTK of the chain value. Every use of a chain value as a weight is recorded.
+   A chain value consumed any other way (a bias add, a norm scale, a weight
+   used outside a rule) sends its leaf to the explicit-Jacobian fallback.
+2. ``run`` evaluates the same jaxpr concretely, in the same order, adding a
+   zero *probe* to the output of each recorded use and returning the
+   activations. The gradient of the output with respect to a probe is the
+   use's delta.
+
+Calls (``jit``, ``checkpoint``/``remat``, ``custom_jvp``, ``custom_vjp``,
+``closed_call``) that receive chain values are inlined, and ``lax.scan`` loops
+that do are unrolled (up to ``MAX_UNROLL`` steps), so weights used inside them
+get structured rules too: a weight used in every step of a scan is a weight used
+``length`` times. Anything else that consumes a chain value (``while``, ``cond``,
+a scan longer than ``MAX_UNROLL``) is bound unchanged and its leaves fall back
+to explicit Jacobians, which is always correct.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.extend import core as jcore
+
+MAX_UNROLL = 256
+
+# Primitives that map a chain value to a chain value. mul/div only with a
+# constant scalar; handled separately.
+_PERMUTING = {
+    "reshape",
+    "transpose",
+    "convert_element_type",
+    "squeeze",
+    "expand_dims",
+    "copy",
+    "copy_p",
+    "reduce_precision",
+}
+_CALLS = {
+    "jit": "jaxpr",
+    "pjit": "jaxpr",
+    "closed_call": "call_jaxpr",
+    "core_call": "call_jaxpr",
+    "remat2": "jaxpr",
+    "checkpoint": "jaxpr",
+    "custom_jvp_call": "call_jaxpr",
+    "custom_vjp_call": "call_jaxpr",
+    "custom_vjp_call_jaxpr": "fun_jaxpr",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Tag:
+    """Where a value came from during the walk.
+
+    Attributes:
+        data: the value depends on the model input.
+        chain: for values equal to ``scale * L(leaf)``, a hashable
+            ``(leaf, ops)`` signature; ``None`` otherwise.
+    """
+
+    data: bool = False
+    chain: tuple[int, tuple[Any, ...]] | None = None
+
+
+CONST = Tag()
+DATA = Tag(data=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Use:
+    """One use of a (chain of a) parameter leaf as the weight of a bilinear op.
+
+    Attributes:
+        index: position of the use in walk order.
+        leaf: index of the parameter leaf in the flattened params.
+        chain: signature of the reshapes/transposes/scalings from leaf to weight.
+        primitive: ``"dot_general"`` or ``"conv_general_dilated"``.
+        weight_pos: 0 if the weight is the lhs operand, 1 if the rhs.
+        params: the primitive's bind parameters.
+        act_shape: per-sample shape of the activation operand.
+        weight_shape: shape of the weight operand.
+        out_shape: per-sample shape of the primitive's output.
+        dtype: dtype of the output.
+    """
+
+    index: int
+    leaf: int
+    chain: tuple[Any, ...]
+    primitive: str
+    weight_pos: int
+    params: dict[str, Any] = dataclasses.field(compare=False, hash=False)
+    act_shape: tuple[int, ...]
+    weight_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    dtype: Any
+    bind: Callable[..., jax.Array] = dataclasses.field(compare=False, hash=False)
+
+
+@dataclasses.dataclass
+class _Walk:
+    """State of one walk: either abstract analysis or a probed evaluation."""
+
+    probes: Sequence[jax.Array] | None = None  # indexed by use index
+    active: frozenset[int] = frozenset()
+    uses: list[Use] = dataclasses.field(default_factory=list)
+    fallback: set[int] = dataclasses.field(default_factory=set)
+    acts: dict[int, jax.Array] = dataclasses.field(default_factory=dict)
+    scales: dict[int, jax.Array] = dataclasses.field(default_factory=dict)
+    counter: int = 0
+
+    # -- the interpreter -------------------------------------------------
+
+    def eval(
+        self,
+        jaxpr: jcore.Jaxpr,
+        consts: Sequence[Any],
+        args: Sequence[Any],
+        tags: Sequence[Tag],
+        scales: Sequence[Any],
+    ) -> tuple[list[Any], list[Tag], list[Any]]:
+        env: dict[Any, tuple[Any, Tag, Any]] = {}
+        for v, c in zip(jaxpr.constvars, consts, strict=True):
+            env[v] = (c, CONST, None)
+        for v, a, t, s in zip(jaxpr.invars, args, tags, scales, strict=True):
+            env[v] = (a, t, s)
+
+        def read(v: Any) -> tuple[Any, Tag, Any]:
+            if isinstance(v, jcore.Literal):
+                return v.val, CONST, None
+            return env[v]
+
+        for eqn in jaxpr.eqns:
+            ins = [read(v) for v in eqn.invars]
+            outs = self._eqn(eqn, [i[0] for i in ins], [i[1] for i in ins],
+                             [i[2] for i in ins])
+            for v, o in zip(eqn.outvars, outs, strict=True):
+                if not isinstance(v, jcore.DropVar):
+                    env[v] = o
+        res = [read(v) for v in jaxpr.outvars]
+        return [r[0] for r in res], [r[1] for r in res], [r[2] for r in res]
+
+    def _eqn(
+        self, eqn: Any, vals: list[Any], tags: list[Tag], scales: list[Any]
+    ) -> list[tuple[Any, Tag, Any]]:
+        name = eqn.primitive.name
+        chains = [i for i, t in enumerate(tags) if t.chain is not None]
+        data = any(t.data for t in tags)
+        if not chains:
+            return [(o, DATA if data else CONST, None) for o in _bind(eqn, vals)]
+        if len(vals) == 1 and (name in _PERMUTING or _is_unit_broadcast(eqn)):
+            (out,) = _bind(eqn, vals)
+            leaf, ops = tags[0].chain  # type: ignore[misc]
+            sig = (name, tuple(sorted((k, repr(v)) for k, v in eqn.params.items())))
+            return [(out, Tag(chain=(leaf, (*ops, sig))), scales[0])]
+        if name in ("mul", "div", "neg") and len(chains) == 1:
+            scaled = self._scaled(eqn, vals, tags, scales, chains[0])
+            if scaled is not None:
+                return [scaled]
+        if name in ("dot_general", "conv_general_dilated") and len(chains) == 1:
+            w = chains[0]
+            if tags[1 - w].data and not (name == "conv_general_dilated" and w == 0):
+                return [self._use(eqn, vals, tags, scales, w)]
+        if name in _CALLS:
+            sub = eqn.params[_CALLS[name]]
+            closed = sub if hasattr(sub, "consts") else None
+            inner = closed.jaxpr if closed is not None else sub
+            consts = closed.consts if closed is not None else []
+            nconst = eqn.params.get("num_consts", 0) if name == "custom_vjp_call" else 0
+            del nconst  # custom_vjp_call passes its consts as ordinary operands
+            outs, otags, oscales = self.eval(inner, consts, vals, tags, scales)
+            return list(zip(outs, otags, oscales, strict=True))
+        if name == "scan" and eqn.params["length"] <= MAX_UNROLL:
+            return self._unroll_scan(eqn, vals, tags, scales)
+        # Consumed by something with no rule: these leaves use explicit Jacobians.
+        for i in chains:
+            self.fallback.add(tags[i].chain[0])  # type: ignore[index]
+        return [(o, DATA if data else CONST, None) for o in _bind(eqn, vals)]
+
+    def _scaled(
+        self, eqn: Any, vals: list[Any], tags: list[Tag], scales: list[Any], w: int
+    ) -> tuple[Any, Tag, Any] | None:
+        name = eqn.primitive.name
+        leaf, ops = tags[w].chain  # type: ignore[misc]
+        if name == "neg":
+            (out,) = _bind(eqn, vals)
+            return out, Tag(chain=(leaf, (*ops, ("neg",)))), _mul(scales[w], -1.0)
+        other = 1 - w
+        if tags[other].data or jnp.ndim(vals[other]) != 0:
+            return None
+        if name == "div" and w == 1:
+            return None
+        (out,) = _bind(eqn, vals)
+        var = eqn.invars[other]
+        key = repr(var.val) if isinstance(var, jcore.Literal) else f"var{id(var)}"
+        factor = vals[other] if name == "mul" else 1.0 / vals[other]
+        return out, Tag(chain=(leaf, (*ops, (name, key)))), _mul(scales[w], factor)
+
+    def _use(
+        self, eqn: Any, vals: list[Any], tags: list[Tag], scales: list[Any], w: int
+    ) -> tuple[Any, Tag, Any]:
+        (out,) = _bind(eqn, vals)
+        idx = self.counter
+        self.counter += 1
+        leaf, ops = tags[w].chain  # type: ignore[misc]
+        act = vals[1 - w]
+        if self.probes is None:
+            self.uses.append(
+                Use(
+                    index=idx,
+                    leaf=leaf,
+                    chain=ops,
+                    primitive=eqn.primitive.name,
+                    weight_pos=w,
+                    params=dict(eqn.params),
+                    act_shape=tuple(act.shape),
+                    weight_shape=tuple(vals[w].shape),
+                    out_shape=tuple(out.shape),
+                    dtype=out.dtype,
+                    bind=lambda *ops, _eqn=eqn: _bind(_eqn, ops)[0],
+                )
+            )
+        elif idx in self.active:
+            self.acts[idx] = act
+            self.scales[idx] = scales[w]
+            out = out + self.probes[idx].astype(out.dtype)
+        return out, DATA, None
+
+    def _unroll_scan(
+        self, eqn: Any, vals: list[Any], tags: list[Tag], scales: list[Any]
+    ) -> list[tuple[Any, Tag, Any]]:
+        p = eqn.params
+        nc, ncarry = len(p["ft_in"][0]), len(p["ft_in"][1])
+        closed = p["jaxpr"]
+        consts = list(zip(vals[:nc], tags[:nc], scales[:nc], strict=True))
+        carry = list(zip(vals[nc : nc + ncarry], tags[nc : nc + ncarry],
+                         scales[nc : nc + ncarry], strict=True))
+        xs = list(zip(vals[nc + ncarry :], tags[nc + ncarry :],
+                      scales[nc + ncarry :], strict=True))
+        # Chain values that travel through the carry or the scanned axis are
+        # sliced or updated: no rule, so their leaves use explicit Jacobians.
+        for _, t, _ in carry + xs:
+            if t.chain is not None:
+                self.fallback.add(t.chain[0])
+        carry = [(v, _plain(t), None) for v, t, _ in carry]
+        steps = range(p["length"])
+        ys_steps: list[list[tuple[Any, Tag]]] = []
+        for i in reversed(steps) if p["reverse"] else steps:
+            xs_i = [(v[i], _plain(t), None) for v, t, _ in xs]
+            args = consts + carry + xs_i
+            outs, otags, _ = self.eval(
+                closed.jaxpr, closed.consts, [a[0] for a in args],
+                [a[1] for a in args], [a[2] for a in args],
+            )
+            for t in otags:
+                if t.chain is not None:
+                    self.fallback.add(t.chain[0])
+            carry = [(o, _plain(t), None) for o, t in
+                     zip(outs[:ncarry], otags[:ncarry], strict=True)]
+            ys_steps.append(list(zip(outs[ncarry:], otags[ncarry:], strict=True)))
+        if p["reverse"]:
+            ys_steps.reverse()
+        nys = len(eqn.outvars) - ncarry
+        ys = []
+        for k in range(nys):
+            parts = [step[k][0] for step in ys_steps]
+            data = any(step[k][1].data for step in ys_steps)
+            aval = eqn.outvars[ncarry + k].aval
+            stacked = (jnp.stack(parts) if parts
+                       else jnp.zeros(aval.shape, aval.dtype))
+            ys.append((stacked, DATA if data else CONST, None))
+        return carry + ys
+
+
+def _is_unit_broadcast(eqn: Any) -> bool:
+    """A broadcast that only inserts size-1 axes keeps every entry once."""
+    if eqn.primitive.name != "broadcast_in_dim":
+        return False
+    (v,) = eqn.invars
+    (o,) = eqn.outvars
+    return math.prod(v.aval.shape) == math.prod(o.aval.shape)
+
+
+def _plain(t: Tag) -> Tag:
+    return DATA if t.data else CONST
+
+
+def _mul(scale: Any, factor: Any) -> Any:
+    return factor if scale is None else scale * factor
+
+
+def _bind(eqn: Any, vals: Sequence[Any]) -> list[Any]:
+    bind_params = eqn.primitive.get_bind_params(eqn.params)
+    with eqn.ctx.manager:
+        out = eqn.primitive.bind(*vals, **bind_params)
+    return list(out) if eqn.primitive.multiple_results else [out]
+
+
+# -- public entry points ---------------------------------------------------
+
+
+def _per_sample_jaxpr(
+    fn: Callable[[Any, jax.Array], jax.Array], leaves_avals: Sequence[Any],
+    treedef: Any, x_aval: Any
+) -> jcore.ClosedJaxpr:
+    def g(leaves: list[jax.Array], x: jax.Array) -> jax.Array:
+        return fn(jax.tree_util.tree_unflatten(treedef, leaves), x)
+
+    return jax.make_jaxpr(g)(list(leaves_avals), x_aval)
+
+
+@dataclasses.dataclass(frozen=True)
+class Analysis:
+    """What the walk found: the weight uses and the leaves needing fallback."""
+
+    jaxpr: jcore.ClosedJaxpr
+    uses: tuple[Use, ...]
+    fallback: frozenset[int]
+    n_leaves: int
+
+
+def analyse(
+    fn: Callable[[Any, jax.Array], jax.Array],
+    leaves: Sequence[Any],
+    treedef: Any,
+    x_one: Any,
+) -> Analysis:
+    """Find the weight uses of ``fn(params, x_one)`` (``x_one`` has batch size 1)."""
+    avals = [jax.ShapeDtypeStruct(jnp.shape(v), jnp.result_type(v)) for v in leaves]
+    closed = _per_sample_jaxpr(fn, avals, treedef, x_one)
+    walk = _Walk()
+
+    def abstract(leaves: list[jax.Array], x: jax.Array) -> list[Any]:
+        tags = [Tag(chain=(k, ())) for k in range(len(leaves))] + [DATA]
+        outs, _, _ = walk.eval(closed.jaxpr, closed.consts, [*leaves, x], tags,
+                               [None] * (len(leaves) + 1))
+        return outs
+
+    jax.eval_shape(abstract, avals, x_one)
+    return Analysis(closed, tuple(walk.uses), frozenset(walk.fallback), len(leaves))
+
+
+def run(
+    analysis: Analysis,
+    leaves: Sequence[jax.Array],
+    x_one: jax.Array,
+    probes: Sequence[jax.Array],
+    active: frozenset[int],
+) -> tuple[jax.Array, dict[int, jax.Array], dict[int, Any]]:
+    """Evaluate with probes added on the active uses.
+
+    Returns:
+        ``(output, activations, scales)``; the last two are keyed by use index.
+        A scale of ``None`` means 1.
+    """
+    walk = _Walk(probes=probes, active=active)
+    n = len(leaves)
+    tags = [Tag(chain=(k, ())) for k in range(n)] + [DATA]
+    outs, _, _ = walk.eval(analysis.jaxpr.jaxpr, analysis.jaxpr.consts,
+                           [*leaves, x_one], tags, [None] * (n + 1))
+    (out,) = outs
+    return out, walk.acts, walk.scales
+
+
+__all__ = ["MAX_UNROLL", "Analysis", "Use", "analyse", "run"]
