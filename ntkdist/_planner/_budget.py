@@ -1,0 +1,165 @@
+"""Memory and work per tile: a bilinear cost model and the largest tile in a budget."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from .._errors import PlanError
+
+# Resident memory of a Dask worker process with JAX imported and one tile
+# function compiled (measured on CPU with ``python -m ntkdist._engine_bench``).
+WORKER_BASELINE_BYTES = 400 * 2**20
+# Temporaries XLA allocates beside a strategy's own arrays, as a multiple of
+# the strategy's predicted bytes.
+XLA_OVERHEAD = 2.0
+# Copies of an output tile alive at once in a task: the result, its cast,
+# the transposed mirror and zarr's encoded chunk.
+OUTPUT_COPIES = 4
+
+_UNITS = {
+    "": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6,
+    "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 2**10,
+    "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+
+
+def parse_bytes(value: str | float | None) -> float | None:
+    """``"2GiB"`` -> ``2147483648``; numbers pass through; ``None`` stays ``None``.
+
+    Example:
+        >>> parse_bytes("1.5 KiB")
+        1536.0
+    """
+    if value is None or isinstance(value, int | float):
+        return None if value is None else float(value)
+    m = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
+    if m is None or m.group(2).lower() not in _UNITS:
+        raise PlanError(
+            f"memory_budget={value!r} is not a size; expected a number of bytes or "
+            "a string such as '512MiB', '2GiB' or '4GB'."
+        )
+    return float(m.group(1)) * _UNITS[m.group(2).lower()]
+
+
+def format_bytes(n: float) -> str:
+    """``1536`` -> ``"1.5 KiB"``.
+
+    Example:
+        >>> format_bytes(3 * 2**30)
+        '3.0 GiB'
+    """
+    if abs(n) < 1024:
+        return f"{int(n)} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        n /= 1024
+        if abs(n) < 1024 or unit == "TiB":
+            break
+    return f"{n:.1f} {unit}"
+
+
+@dataclasses.dataclass(frozen=True)
+class CostModel:
+    """Work of one ``n1 × n2`` tile as ``c + a·n1 + b·n2 + d·n1·n2``.
+
+    Every strategy's cost is of this form in the tile's sides (factors grow
+    with each side, contraction with their product), so four evaluations of
+    a strategy's own ``cost`` fix it exactly.
+
+    Attributes:
+        flops: coefficients ``(c, a, b, d)`` of floating-point operations.
+        bytes: coefficients ``(c, a, b, d)`` of the strategy's peak bytes.
+        out_items: kernel values per sample pair (``O²``, ``O`` or 1).
+        itemsize: bytes per kernel value.
+        feature_bytes: bytes of one input sample.
+    """
+
+    flops: tuple[float, float, float, float]
+    bytes: tuple[float, float, float, float]
+    out_items: int
+    itemsize: int
+    feature_bytes: int
+
+    @staticmethod
+    def fit(
+        samples: dict[tuple[int, int], tuple[float, float]], *, out_items: int,
+        itemsize: int, feature_bytes: int,
+    ) -> CostModel:
+        """Fit from ``{(n1, n2): (flops, bytes)}`` at ``(s,s), (2s,s), (s,2s), (2s,2s)``.
+
+        Example:
+            >>> f = lambda a, b: (a * b * 2.0, a + b + 1.0)
+            >>> s = {(m, n): f(m, n) for m in (8, 16) for n in (8, 16)}
+            >>> CostModel.fit(s, out_items=1, itemsize=8, feature_bytes=8).tile_flops(3, 5)
+            30.0
+        """
+        (s1, s2) = sorted({k[0] for k in samples})
+        (t1, t2) = sorted({k[1] for k in samples})
+
+        def coeffs(idx: int) -> tuple[float, float, float, float]:
+            f11, f21 = samples[(s1, t1)][idx], samples[(s2, t1)][idx]
+            f12, f22 = samples[(s1, t2)][idx], samples[(s2, t2)][idx]
+            d = (f22 - f21 - f12 + f11) / ((s2 - s1) * (t2 - t1))
+            a = (f21 - f11) / (s2 - s1) - d * t1
+            b = (f12 - f11) / (t2 - t1) - d * s1
+            c = f11 - a * s1 - b * t1 - d * s1 * t1
+            return (c, a, b, d)
+
+        return CostModel(coeffs(0), coeffs(1), out_items, itemsize, feature_bytes)
+
+    def tile_flops(self, n1: int, n2: int) -> float:
+        """Predicted FLOPs of one ``n1 × n2`` tile."""
+        c, a, b, d = self.flops
+        return max(0.0, c + a * n1 + b * n2 + d * n1 * n2)
+
+    def strategy_bytes(self, n1: int, n2: int) -> float:
+        """The strategy's own predicted peak bytes for one ``n1 × n2`` tile."""
+        c, a, b, d = self.bytes
+        return max(0.0, c + a * n1 + b * n2 + d * n1 * n2)
+
+    def worker_bytes(self, n1: int, n2: int) -> float:
+        """Predicted peak resident bytes of a worker running ``n1 × n2`` tiles.
+
+        The process baseline, the strategy's arrays with XLA's temporaries,
+        the cached row factors, the copies of the output tile, and the two
+        input blocks.
+        """
+        out_tile = n1 * n2 * self.out_items * self.itemsize
+        inputs = (n1 + n2) * self.feature_bytes
+        return (
+            WORKER_BASELINE_BYTES
+            + XLA_OVERHEAD * self.strategy_bytes(n1, n2)
+            + OUTPUT_COPIES * out_tile
+            + inputs
+        )
+
+
+def largest_tile_within(
+    budget: float, cost: CostModel, n_max: int, *, what: str = "this job"
+) -> int:
+    """The largest square tile side ``t <= n_max`` whose worker bytes fit ``budget``.
+
+    Raises:
+        PlanError: not even a 1×1 tile fits; the message says how much is needed.
+
+    Example:
+        >>> m = CostModel((0, 0, 0, 1), (0, 0, 0, 8), 1, 8, 8)
+        >>> largest_tile_within(2**30, m, 100)
+        100
+    """
+    need = cost.worker_bytes(1, 1)
+    if need > budget:
+        raise PlanError(
+            f"memory_budget={format_bytes(budget)} cannot hold one 1×1 tile of "
+            f"{what}: a worker needs at least {format_bytes(need)} (of which "
+            f"{format_bytes(WORKER_BASELINE_BYTES)} is the JAX worker process "
+            "itself). Raise memory_budget, or choose output='trace' or 'pntk'."
+        )
+    lo, hi = 1, max(1, n_max)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if cost.worker_bytes(mid, mid) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo

@@ -1,0 +1,211 @@
+"""Plan: the tile layout and predicted figures of one kernel job, pure and printable."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any
+
+from .._errors import PlanError
+from ._budget import CostModel, format_bytes, largest_tile_within
+from ._tiling import Tile, n_blocks, tiles
+
+# Largest default tile side: keeps chunks and task times moderate.
+DEFAULT_MAX_TILE = 1024
+# A default plan gives each worker at least this many tiles when N allows.
+MIN_TILES_PER_WORKER = 2
+# Smallest tile side the parallelism rule may shrink to.
+MIN_TILE = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How a kernel job is split into tiles, and what it is predicted to cost.
+
+    Attributes:
+        n1: samples of ``x1``.
+        n2: samples of ``x2`` (``n1`` when symmetric).
+        out_dim: model outputs ``O``.
+        output: ``"full"``, ``"trace"``, ``"diagonal"`` or ``"pntk"``.
+        symmetric: ``x2=None``: only tiles ``i <= j`` are computed.
+        tile: requested tile side (samples).
+        strategy: name of the strategy computing each tile.
+        dtype: kernel dtype (``"float64"`` or ``"float32"``).
+        workers: workers the figures assume.
+        memory_budget: bytes per worker the tile was sized for (or ``None``).
+        tile_flops: predicted FLOPs of one full tile.
+        total_flops: predicted FLOPs of all tiles.
+        peak_bytes_per_worker: predicted peak resident bytes of one worker.
+        bytes_on_disk: kernel bytes before compression.
+        flop_rate: FLOP/s of one worker measured on a probe tile (or ``None``).
+
+    Example:
+        >>> p = Plan(n1=5, n2=5, out_dim=2, output="trace", symmetric=True, tile=2,
+        ...          strategy="jacobian", dtype="float64")
+        >>> p.n_tiles, Plan.from_json(p.to_json()) == p
+        (6, True)
+    """
+
+    n1: int
+    n2: int
+    out_dim: int
+    output: str
+    symmetric: bool
+    tile: int
+    strategy: str
+    dtype: str
+    workers: int = 1
+    memory_budget: float | None = None
+    tile_flops: float = 0.0
+    total_flops: float = 0.0
+    peak_bytes_per_worker: float = 0.0
+    bytes_on_disk: float = 0.0
+    flop_rate: float | None = None
+
+    def __post_init__(self) -> None:
+        """Check the plan is self-consistent."""
+        if self.tile < 1 or self.n1 < 1 or self.n2 < 1:
+            raise PlanError(
+                f"tile={self.tile}, n1={self.n1}, n2={self.n2}: all must be >= 1."
+            )
+        if self.symmetric and self.n1 != self.n2:
+            raise PlanError(f"a symmetric plan needs n1 == n2, got {self.n1}, {self.n2}.")
+
+    @property
+    def tile_rows(self) -> int:
+        """Tile side along ``x1`` (the chunk size of axis 0)."""
+        return min(self.tile, self.n1)
+
+    @property
+    def tile_cols(self) -> int:
+        """Tile side along ``x2`` (the chunk size of axis 1)."""
+        return self.tile_rows if self.symmetric else min(self.tile, self.n2)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Tiles along each axis of the whole kernel."""
+        return (n_blocks(self.n1, self.tile_rows), n_blocks(self.n2, self.tile_cols))
+
+    @property
+    def n_tiles(self) -> int:
+        """Tiles to compute (the upper triangle when symmetric)."""
+        g1, g2 = self.grid
+        return g1 * (g1 + 1) // 2 if self.symmetric else g1 * g2
+
+    @property
+    def est_seconds(self) -> float | None:
+        """Predicted wall time on ``workers`` workers (``None`` without a probe)."""
+        if not self.flop_rate:
+            return None
+        return self.total_flops / self.flop_rate / max(1, min(self.workers, self.n_tiles))
+
+    def tiles(self) -> tuple[Tile, ...]:
+        """The tiles, row-major (upper triangle with mirrors when symmetric)."""
+        return tiles(self.n1, self.n2, self.tile_rows, self.tile_cols, self.symmetric)
+
+    def to_json(self) -> str:
+        """A JSON string; ``Plan.from_json`` reads it back equal."""
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @staticmethod
+    def from_json(text: str | dict[str, Any]) -> Plan:
+        """The plan written by ``to_json`` (a string or the decoded dict)."""
+        data = json.loads(text) if isinstance(text, str) else dict(text)
+        return Plan(**data)
+
+    def __str__(self) -> str:
+        """A table of the plan and its predicted figures."""
+        g1, g2 = self.grid
+        est = self.est_seconds
+        rate = "not measured" if not self.flop_rate else f"{self.flop_rate / 1e9:.2f} GFLOP/s"
+        budget = "none" if self.memory_budget is None else format_bytes(self.memory_budget)
+        lines = [
+            ("kernel", f"{self.output} {self.n1}×{self.n2}, O={self.out_dim}, {self.dtype}"
+             + (", symmetric (x2 = x1)" if self.symmetric else "")),
+            ("strategy", self.strategy),
+            ("tile", f"{self.tile_rows}×{self.tile_cols} samples (grid {g1}×{g2})"),
+            ("tiles to compute", f"{self.n_tiles}"
+             + (" (upper triangle, mirrors written)" if self.symmetric else "")),
+            ("bytes on disk", f"{format_bytes(self.bytes_on_disk)} (uncompressed)"),
+            ("peak memory/worker", f"{format_bytes(self.peak_bytes_per_worker)} "
+             f"(budget {budget})"),
+            ("FLOPs", f"{self.total_flops:.3g} ({self.tile_flops:.3g} per tile)"),
+            ("probe rate", rate),
+            ("estimated time", "unknown" if est is None
+             else f"{_fmt_seconds(est)} on {self.workers} worker(s)"),
+        ]
+        width = max(len(k) for k, _ in lines)
+        return "\n".join(f"{k:<{width}}  {v}" for k, v in lines)
+
+
+def _fmt_seconds(s: float) -> str:
+    if s < 60:
+        return f"{s:.1f} s"
+    m, s = divmod(int(round(s)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}"
+
+
+def make_plan(
+    *, n1: int, n2: int, out_dim: int, output: str, symmetric: bool, dtype: str,
+    strategy: str, cost: CostModel, tile: int | None = None,
+    memory_budget: float | None = None, workers: int = 1,
+    flop_rate: float | None = None, max_tile: int = DEFAULT_MAX_TILE,
+) -> Plan:
+    """Size the tiles and predict the figures of one job.
+
+    With ``tile=None`` the tile is the largest square within ``memory_budget``
+    (at most ``max_tile``), shrunk while needed to give each worker
+    ``MIN_TILES_PER_WORKER`` tiles. An explicit ``tile`` is checked against
+    the budget.
+
+    Raises:
+        PlanError: the budget cannot hold one tile (the message says how much
+            is needed), or an explicit ``tile`` does not fit it.
+
+    Example:
+        >>> m = CostModel((0, 10, 10, 4), (0, 8, 8, 0), 1, 8, 8)
+        >>> p = make_plan(n1=100, n2=100, out_dim=1, output="trace", symmetric=True,
+        ...               dtype="float64", strategy="jacobian", cost=m, tile=30)
+        >>> p.n_tiles, p.grid
+        (10, (4, 4))
+    """
+    what = f"output={output!r} with strategy {strategy!r}"
+    n_max = max(n1, n2)
+    if tile is not None:
+        if tile < 1:
+            raise PlanError(f"tile={tile}; expected a positive number of samples.")
+        t = min(tile, n_max)
+        if memory_budget is not None:
+            fits = largest_tile_within(memory_budget, cost, n_max, what=what)
+            if fits < t:
+                raise PlanError(
+                    f"tile={tile} needs {format_bytes(cost.worker_bytes(t, t))} per "
+                    f"worker but memory_budget={format_bytes(memory_budget)}; the "
+                    f"largest tile that fits is {fits}. Pass tile<={fits} or raise "
+                    "the budget."
+                )
+    else:
+        budget = memory_budget if memory_budget is not None else math.inf
+        t = largest_tile_within(budget, cost, min(n_max, max_tile), what=what)
+        while t > MIN_TILE and _count(n1, n2, t, symmetric) < MIN_TILES_PER_WORKER * workers:
+            t = max(MIN_TILE, t * 3 // 4)
+    plan = Plan(n1=n1, n2=n2, out_dim=out_dim, output=output, symmetric=symmetric,
+                tile=t, strategy=strategy, dtype=dtype, workers=workers,
+                memory_budget=memory_budget)
+    tr, tc = plan.tile_rows, plan.tile_cols
+    total = sum(cost.tile_flops(*tl.shape) for tl in plan.tiles())
+    return dataclasses.replace(
+        plan,
+        tile_flops=cost.tile_flops(tr, tc),
+        total_flops=total,
+        peak_bytes_per_worker=cost.worker_bytes(tr, tc),
+        bytes_on_disk=float(n1 * n2 * cost.out_items * cost.itemsize),
+        flop_rate=flop_rate,
+    )
+
+
+def _count(n1: int, n2: int, t: int, symmetric: bool) -> int:
+    g1, g2 = n_blocks(n1, min(t, n1)), n_blocks(n2, min(t, n2))
+    return g1 * (g1 + 1) // 2 if symmetric else g1 * g2

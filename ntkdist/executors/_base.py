@@ -1,0 +1,39 @@
+"""The executor interface: run tile tasks, report each finished tile."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .._model import Model
+from .._planner import Tile
+from ._task import TileSpec
+
+OnDone = Callable[[Tile, tuple[int, int]], None]
+
+
+class AbstractExecutor(abc.ABC):
+    """Runs tile tasks; the coordinator records each finished tile's marker.
+
+    ``run`` calls ``on_done(tile, checksums)`` in the coordinator as each tile
+    finishes, and returns the tiles that failed (after retries) with their
+    errors; it never raises for a failed tile, so finished tiles stay recorded.
+    """
+
+    @property
+    @abc.abstractmethod
+    def n_workers(self) -> int:
+        """Workers that run tiles at once (for planning)."""
+
+    @abc.abstractmethod
+    def run(self, spec: TileSpec, model: Model, params: Any, todo: Sequence[Tile],
+            on_done: OnDone) -> list[tuple[Tile, BaseException]]:
+        """Compute ``todo``; call ``on_done`` per finished tile; return failures."""
+
+    def __enter__(self) -> AbstractExecutor:
+        """Start any resources (a cluster)."""
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Release them."""

@@ -1,0 +1,189 @@
+"""DaskExecutor: tile tasks on a Dask cluster, and the JaxWorkerPlugin."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from itertools import islice
+from typing import Any, TextIO, final
+
+from distributed import Client, LocalCluster, as_completed
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from .._model import Model
+from .._planner import Tile
+from ._base import AbstractExecutor, OnDone
+from ._task import TileSpec, run_tile
+
+# Futures in flight per worker thread: enough to keep workers busy, few
+# enough that an interrupted job loses little.
+WINDOW_PER_THREAD = 2
+# Times a failed tile task is retried before the job reports it.
+RETRIES = 3
+
+
+def jax_worker_env(x64: bool) -> dict[str, str]:
+    """Environment for worker processes, set before JAX starts in them."""
+    env = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false",
+           "JAX_ENABLE_X64": "1" if x64 else "0"}
+    if "JAX_PLATFORMS" in os.environ:
+        env["JAX_PLATFORMS"] = os.environ["JAX_PLATFORMS"]
+    return env
+
+
+@final
+class JaxWorkerPlugin(WorkerPlugin):
+    """Prepare each worker for JAX: no GPU preallocation, x64 as the job needs.
+
+    On a worker whose JAX already started, preallocation cannot change; set
+    ``XLA_PYTHON_CLIENT_PREALLOCATE=false`` in the worker environment too (the
+    embedded cluster does). With several visible GPUs JAX uses the first only,
+    so one worker per GPU stays on its own device.
+
+    Args:
+        x64: enable ``jax_enable_x64`` (for float64 jobs).
+    """
+
+    name = "ntkdist-jax"
+
+    def __init__(self, x64: bool) -> None:
+        """Configure."""
+        self.x64 = x64
+
+    def setup(self, worker: Any) -> None:
+        """Set the environment and JAX's configuration on ``worker``."""
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+        import jax
+
+        jax.config.update("jax_enable_x64", self.x64)
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+        if "," in visible and "JAX_PLATFORMS" not in os.environ:
+            os.environ["CUDA_VISIBLE_DEVICES"] = visible.split(",")[0]
+
+
+@final
+class DaskExecutor(AbstractExecutor):
+    """Run tiles on a Dask cluster, recording each as it finishes.
+
+    With neither ``client`` nor ``address`` it starts an embedded
+    ``LocalCluster`` of worker processes (one single-threaded worker per
+    core by default) and closes it afterwards. Params and the model are
+    scattered once to every worker; tasks have keys ``ntk-<fp8>-<i>-<j>``,
+    ``retries`` and a bounded window of futures.
+
+    Args:
+        client: an existing client (left open).
+        address: a scheduler address to connect to.
+        n_workers: workers of the embedded cluster (default: CPU count).
+        x64: whether the job computes in float64 (sets the workers' JAX).
+        window: futures in flight (default: 2 per worker thread).
+        retries: retries of a failed task.
+        resources: per-task resources, e.g. ``{"GPU": 1}`` on GPU clusters.
+        stream: where the dashboard address is printed (``None``: stderr).
+        verbose: print the dashboard address.
+    """
+
+    def __init__(self, client: Client | None = None, *, address: str | None = None,
+                 n_workers: int | None = None, x64: bool = True,
+                 window: int | None = None, retries: int = RETRIES,
+                 resources: dict[str, float] | None = None,
+                 stream: TextIO | None = None, verbose: bool = True) -> None:
+        """Configure; the cluster starts on ``__enter__``."""
+        self._given = client
+        self.address = address
+        self.requested_workers = n_workers
+        self.x64 = x64
+        self.window = window
+        self.retries = retries
+        self.resources = resources
+        self.stream = stream
+        self.verbose = verbose
+        self.client: Client | None = client
+        self._cluster: LocalCluster | None = None
+        self._own_client = False
+
+    def __enter__(self) -> DaskExecutor:
+        """Connect to, or start, the cluster; register the JAX plugin."""
+        if self.client is None:
+            if self.address is not None:
+                self.client = Client(self.address)
+            else:
+                self._cluster = LocalCluster(
+                    n_workers=self.requested_workers or os.cpu_count() or 1,
+                    threads_per_worker=1, processes=True, dashboard_address=":0",
+                    env=jax_worker_env(self.x64), silence_logs=logging.ERROR)
+                self.client = Client(self._cluster)
+            self._own_client = True
+        self.client.register_plugin(JaxWorkerPlugin(self.x64))
+        if self.verbose:
+            link = self.client.dashboard_link or "(no dashboard: install bokeh)"
+            out = self.stream or sys.stderr
+            out.write(f"[ntkdist] Dask dashboard: {link}\n")
+            out.flush()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Close what this executor started."""
+        if self._own_client and self.client is not None:
+            self.client.close()
+            self.client = None
+        if self._cluster is not None:
+            self._cluster.close()
+            self._cluster = None
+
+    @property
+    def n_workers(self) -> int:
+        """Worker threads of the cluster."""
+        if self.client is None:
+            return self.requested_workers or os.cpu_count() or 1
+        return max(1, sum(self.client.nthreads().values()))
+
+    def run(self, spec: TileSpec, model: Model, params: Any, todo: Sequence[Tile],
+            on_done: OnDone) -> list[tuple[Tile, BaseException]]:
+        """Submit tiles through a bounded window; record each as it completes."""
+        if self.client is None:
+            raise RuntimeError("DaskExecutor.run needs `with DaskExecutor(...)`.")
+        client = self.client
+        if not todo:
+            return []
+        [shared] = client.scatter([(model, params)], broadcast=True, hash=False)
+        fp8 = spec.fingerprint[:8]
+        window = self.window or WINDOW_PER_THREAD * self.n_workers
+        pending = iter(todo)
+        owner: dict[str, Tile] = {}
+        failures: list[tuple[Tile, BaseException]] = []
+        queue = as_completed()
+
+        def submit(tile: Tile) -> None:
+            fut = client.submit(run_tile, tile, spec, shared,
+                                key=f"ntk-{fp8}-{tile.i}-{tile.j}", pure=False,
+                                retries=self.retries, resources=self.resources)
+            owner[fut.key] = tile
+            queue.add(fut)
+
+        for tile in islice(pending, window):
+            submit(tile)
+        try:
+            for fut in queue:
+                tile = owner.pop(fut.key)
+                if fut.status == "finished":
+                    on_done(tile, fut.result())
+                else:
+                    failures.append((tile, _error_of(fut)))
+                fut.release()
+                nxt = next(pending, None)
+                if nxt is not None:
+                    submit(nxt)
+        finally:
+            shared.release()
+        return failures
+
+
+def _error_of(fut: Any) -> BaseException:
+    try:
+        err = fut.exception()
+    except BaseException as e:  # cancelled futures raise here
+        return e
+    return err if isinstance(err, BaseException) else RuntimeError(str(err))

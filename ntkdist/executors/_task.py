@@ -1,0 +1,148 @@
+"""The tile task: a module-level function of (tile, frozen spec), idempotent.
+
+Runs on a worker (or in-process for the serial executor). It reads the two
+input blocks from Zarr, pads a ragged block to the full tile so every tile of
+a job has one shape (one compilation per worker), computes the tile, writes
+it (and its mirror) and returns the checksums. It never writes markers or
+attributes: the coordinator records completion.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections import OrderedDict
+from typing import Any
+
+import jax
+import numpy as np
+import zarr
+
+from .._model import Model
+from .._planner import Tile
+from ..kernels import AbstractKernelStrategy
+from ..kernels._base import symmetrize
+from ..storage import write_tile
+
+# Factor sets a worker keeps: the current row block's, and a column block's.
+FACTOR_CACHE_SIZE = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSource:
+    """Where workers read an input: a Zarr array ``path`` inside store ``root``."""
+
+    root: str
+    path: str
+
+
+@dataclasses.dataclass(frozen=True)
+class TileSpec:
+    """Everything a tile task needs besides the model and params.
+
+    Attributes:
+        store: root of the kernel store.
+        x1: where ``x1`` is read.
+        x2: where ``x2`` is read (``None``: symmetric, ``x2 = x1``).
+        output: the output form.
+        strategy: the strategy instance (frozen, hashable).
+        tile_rows: tile side along ``x1`` (ragged blocks are padded to it).
+        tile_cols: tile side along ``x2``.
+        dtype: the kernel dtype.
+        fingerprint: the job's fingerprint (names worker caches and task keys).
+    """
+
+    store: str
+    x1: InputSource
+    x2: InputSource | None
+    output: str
+    strategy: AbstractKernelStrategy
+    tile_rows: int
+    tile_cols: int
+    dtype: str
+    fingerprint: str
+
+
+def _factors_impl(strategy: AbstractKernelStrategy, model: Model, output: str,
+                  params: Any, x: jax.Array) -> Any:
+    return strategy.factors(model, params, x, output)
+
+
+def _contract_impl(strategy: AbstractKernelStrategy, model: Model, output: str,
+                   same: bool, params: Any, f1: Any, f2: Any) -> jax.Array:
+    k = strategy.contract(model, params, f1, f2, output)
+    return symmetrize(k, output) if same else k
+
+
+_factors = jax.jit(_factors_impl, static_argnums=(0, 1, 2))
+_contract = jax.jit(_contract_impl, static_argnums=(0, 1, 2, 3))
+
+_lock = threading.Lock()
+_arrays: OrderedDict[tuple[str, ...], zarr.Array] = OrderedDict()
+# Open arrays a worker keeps (the kernel and the inputs of recent jobs).
+ARRAY_CACHE_SIZE = 8
+_factor_cache: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
+
+
+def _array(root: str, path: str, mode: str, job: str) -> zarr.Array:
+    key = (root, path, mode, job)
+    with _lock:
+        if key not in _arrays:
+            _arrays[key] = zarr.open_array(store=root, path=path, mode=mode)
+            while len(_arrays) > ARRAY_CACHE_SIZE:
+                _arrays.popitem(last=False)
+        return _arrays[key]
+
+
+def read_block(src: InputSource, rows: tuple[int, int], size: int,
+               job: str = "") -> np.ndarray:
+    """Rows ``[start, stop)`` of an input, padded to ``size`` by repeating the last.
+
+    Padding rows are real samples, so no model sees inputs it could not
+    handle; their kernel entries are cut away before writing.
+    """
+    x = np.asarray(_array(src.root, src.path, "r", job)[rows[0] : rows[1]])
+    if len(x) < size:
+        x = np.concatenate([x, np.repeat(x[-1:], size - len(x), axis=0)])
+    return x
+
+
+def _factors_of(spec: TileSpec, model: Model, params: Any, side: str,
+                src: InputSource, block: int, rows: tuple[int, int], size: int) -> Any:
+    key = (spec.fingerprint, side, block)
+    with _lock:
+        if key in _factor_cache:
+            _factor_cache.move_to_end(key)
+            return _factor_cache[key]
+    f = _factors(spec.strategy, model, spec.output, params, read_block(src, rows, size, spec.fingerprint))
+    with _lock:
+        _factor_cache[key] = f
+        while len(_factor_cache) > FACTOR_CACHE_SIZE:
+            _factor_cache.popitem(last=False)
+    return f
+
+
+def compute_block(tile: Tile, spec: TileSpec, model: Model, params: Any) -> np.ndarray:
+    """The kernel block of ``tile`` as a numpy array of the kernel's dtype."""
+    f1 = _factors_of(spec, model, params, "x1", spec.x1, tile.i, tile.rows,
+                     spec.tile_rows)
+    if tile.kind == "diagonal":
+        k = _contract(spec.strategy, model, spec.output, True, params, f1, f1)
+    else:
+        src, side = (spec.x1, "x1") if spec.x2 is None else (spec.x2, "x2")
+        f2 = _factors_of(spec, model, params, side, src, tile.j, tile.cols,
+                         spec.tile_cols)
+        k = _contract(spec.strategy, model, spec.output, False, params, f1, f2)
+    r, c = tile.shape
+    return np.asarray(k)[:r, :c].astype(spec.dtype)
+
+
+def run_tile(tile: Tile, spec: TileSpec, model_params: tuple[Model, Any]) -> tuple[int, int]:
+    """Compute one tile and write it (and its mirror); return the checksums.
+
+    Idempotent: run twice, it writes the same bytes, so retries are safe.
+    """
+    model, params = model_params
+    block = compute_block(tile, spec, model, params)
+    kernel = _array(spec.store, "kernel", "r+", spec.fingerprint)
+    return write_tile(kernel, tile, block, spec.output)

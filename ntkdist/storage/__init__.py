@@ -1,0 +1,20 @@
+"""The kernel store: Zarr v3 layout, fingerprint, per-tile markers, lock."""
+
+from ._fingerprint import (
+    FIELDS as FIELDS,
+    array_digest as array_digest,
+    check_same_job as check_same_job,
+    digest as digest,
+    fingerprint as fingerprint,
+    model_digest as model_digest,
+    params_digest as params_digest,
+)
+from ._lock import StoreLock as StoreLock, lock_path as lock_path
+from ._zarr import (
+    KernelStore as KernelStore,
+    checksum as checksum,
+    mirror_block as mirror_block,
+    remove_store as remove_store,
+    store_state as store_state,
+    write_tile as write_tile,
+)
