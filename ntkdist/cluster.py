@@ -108,7 +108,7 @@ def worker_args(gpu: bool = False) -> list[str]:
     """Command-line arguments for ``dask worker`` on a node of this kind.
 
     Args:
-        gpu: add the ``GPU=1`` resource and one thread per worker.
+        gpu: add the ``GPU=1`` resource.
 
     Returns:
         Arguments to append to ``dask worker <scheduler>``. They always preload
@@ -116,11 +116,11 @@ def worker_args(gpu: bool = False) -> list[str]:
 
     Example:
         >>> worker_args(gpu=True)
-        ['--preload', 'ntkdist.cluster', '--nthreads', '1', '--resources', 'GPU=1']
+        ['--preload', 'ntkdist.cluster', '--resources', 'GPU=1']
     """
     args = ["--preload", "ntkdist.cluster"]
     if gpu:
-        args += ["--nthreads", "1", "--resources", f"{GPU_RESOURCE}=1"]
+        args += ["--resources", f"{GPU_RESOURCE}=1"]
     return args
 
 
@@ -149,14 +149,15 @@ def rotated_visible_devices(index: int, count: int) -> str:
 def pin_first_device() -> None:
     """Tell JAX to use only the first visible CUDA device of this process.
 
-    Must run before JAX creates its CUDA backend; a no-op on other platforms.
-    The environment's ``CUDA_VISIBLE_DEVICES`` decides which physical GPU
-    is first.
+    Must run before JAX creates its CUDA backend. Skipped when
+    ``JAX_PLATFORMS`` names platforms without CUDA (``cpu``, ``tpu``); it has
+    no effect on a machine without a CUDA backend. The environment's
+    ``CUDA_VISIBLE_DEVICES`` decides which physical GPU is first.
     """
     import jax
 
-    platforms = os.environ.get("JAX_PLATFORMS", "").split(",")
-    if "cuda" in platforms or "gpu" in platforms:
+    platforms = {p for p in os.environ.get("JAX_PLATFORMS", "").split(",") if p}
+    if not platforms or platforms & {"cuda", "gpu"}:
         jax.config.update("jax_cuda_visible_devices", "0")
 
 
