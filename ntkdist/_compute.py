@@ -510,15 +510,16 @@ def _run(kstore: KernelStore, model: Model, params: Any, todo: Sequence[Tile],
     if not todo:
         return
     spec = _spec_of(kstore, strategy)
-    bar = Progress(done=done, total=total, stream=out, enabled=progress)
-
-    def on_done(tile: Tile, checksums: tuple[int, int]) -> None:
-        kstore.write_marker(tile, checksums)
-        bar.advance()
 
     with runner:
+        bar = Progress(done=done, total=total, stream=out, enabled=progress)
+
+        def on_done(tile: Tile, checksums: tuple[int, int]) -> None:
+            kstore.write_marker(tile, checksums)
+            bar.advance()
+
         failures = runner.run(spec, model, params, todo, on_done)
-    bar.close()
+        bar.close()
     if failures:
         tile, err = failures[0]
         raise ExecutionError(
