@@ -1,0 +1,168 @@
+"""KernelStore: layout, markers, checksums, verification and the lock."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from ntkdist import StoreError, StoreLockedError
+from ntkdist._planner import Plan
+from ntkdist.storage import KernelStore, StoreLock, lock_path, store_state, write_tile
+
+
+def _plan(output="full", symmetric=True, n1=5, n2=5, tile=2, out_dim=2):
+    return Plan(n1=n1, n2=n2 if not symmetric else n1, out_dim=out_dim, output=output,
+                symmetric=symmetric, tile=tile, strategy="jacobian", dtype="float64")
+
+
+def _spec():
+    return {"fields": {"model": "m", "params": "p"}, "fingerprint": "f" * 32}
+
+
+def _fill(store, rng):
+    """Write every tile with random data; return the dense array written."""
+    dense = np.full(store.kernel.shape, np.nan)
+    for t in store.plan.tiles():
+        block = rng.normal(size=store.kernel[t.rows[0]:t.rows[1],
+                                             t.cols[0]:t.cols[1]].shape)
+        if t.kind == "diagonal" and store.output == "full":
+            block = (block + block.transpose(1, 0, 3, 2)) / 2
+        cs = write_tile(store.kernel, t, block, store.output)
+        store.write_marker(t, cs)
+        dense[t.rows[0]:t.rows[1], t.cols[0]:t.cols[1]] = block
+        if t.kind == "mirror":
+            dense[t.cols[0]:t.cols[1], t.rows[0]:t.rows[1]] = block.transpose(1, 0, 3, 2)
+    return dense
+
+
+def test_layout_chunks_are_tiles_with_nan_fill(tmp_path):
+    s = KernelStore.create(str(tmp_path / "k.zarr"), plan=_plan(), spec=_spec())
+    assert s.kernel.shape == (5, 5, 2, 2)
+    assert s.kernel.chunks == (2, 2, 2, 2)
+    assert np.isnan(s.kernel[...]).all()
+    assert s.done.shape == (3, 3) and s.done.chunks == (1, 1)
+    assert s.progress() == (0, 6)
+    assert not s.complete
+    ro = KernelStore.open(str(tmp_path / "k.zarr"))
+    assert ro.read_only and ro.attrs["fingerprint"] == "f" * 32
+    assert Plan.from_json(ro.attrs["plan"]) == _plan()
+
+
+def test_symmetric_writes_mirror_and_markers_record_completion(tmp_path):
+    s = KernelStore.create(str(tmp_path / "k.zarr"), plan=_plan(), spec=_spec())
+    dense = _fill(s, np.random.default_rng(0))
+    assert s.complete and s.progress() == (6, 6)
+    got = s.kernel[...]
+    np.testing.assert_array_equal(got, dense)
+    np.testing.assert_array_equal(got, got.transpose(1, 0, 3, 2))
+    assert s.check_tiles() == ([], [])
+    np.testing.assert_array_equal(s.to_dask().compute(), dense)
+
+
+def test_check_tiles_finds_truncated_altered_and_missing_chunks(tmp_path):
+    path = tmp_path / "k.zarr"
+    s = KernelStore.create(str(path), plan=_plan(output="trace"), spec=_spec())
+    _fill_trace(s)
+    truncated = path / "kernel" / "c" / "0" / "1"
+    truncated.write_bytes(truncated.read_bytes()[:5])
+    (path / "kernel" / "c" / "2" / "2").unlink()
+    # Block (2, 0) is the mirror written by tile (0, 2).
+    other = KernelStore.create(str(tmp_path / "o.zarr"), plan=_plan(output="trace"),
+                               spec=_spec())
+    _fill_trace(other, seed=1)
+    (path / "kernel" / "c" / "2" / "0").write_bytes(
+        (tmp_path / "o.zarr" / "kernel" / "c" / "2" / "0").read_bytes())
+    holes, corrupt = s.check_tiles()
+    assert holes == []
+    assert sorted(t.key for t in corrupt) == ["0.1", "0.2", "2.2"]
+    s.clear_tiles(corrupt)
+    assert sorted(t.key for t in s.todo()) == ["0.1", "0.2", "2.2"]
+    assert not truncated.exists()
+
+
+def _fill_trace(s, seed=0):
+    rng = np.random.default_rng(seed)
+    for t in s.plan.tiles():
+        block = rng.normal(size=t.shape)
+        if t.kind == "diagonal":
+            block = (block + block.T) / 2
+        s.write_marker(t, write_tile(s.kernel, t, block, "trace"))
+
+
+def test_rectangular_ragged_tiles(tmp_path):
+    plan = _plan(output="diagonal", symmetric=False, n1=7, n2=3, tile=4)
+    s = KernelStore.create(str(tmp_path / "k.zarr"), plan=plan, spec=_spec())
+    assert s.kernel.chunks == (4, 3, 2)
+    rng = np.random.default_rng(0)
+    for t in plan.tiles():
+        s.write_marker(t, write_tile(s.kernel, t, rng.normal(size=(*t.shape, 2)),
+                                     "diagonal"))
+    assert s.complete and s.check_tiles() == ([], [])
+    assert not np.isnan(s.kernel[...]).any()
+
+
+def test_open_refuses_what_is_not_a_store(tmp_path):
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "data.txt").write_text("mine")
+    with pytest.raises(StoreError, match="not an ntkdist kernel store"):
+        KernelStore.open(str(tmp_path / "junk"))
+    with pytest.raises(StoreError, match="holds nothing"):
+        KernelStore.open(str(tmp_path / "absent"))
+    with pytest.raises(StoreError, match="holds other"):
+        KernelStore.create(str(tmp_path / "junk"), plan=_plan(), spec=_spec())
+    assert (tmp_path / "junk" / "data.txt").read_text() == "mine"
+    assert store_state(str(tmp_path / "junk")) == "other"
+
+
+def test_lock_refuses_a_second_live_job(tmp_path):
+    store = str(tmp_path / "k.zarr")
+    with StoreLock(store):
+        with pytest.raises(StoreLockedError, match="being written by another job"):
+            StoreLock(store).acquire()
+    assert not os.path.exists(lock_path(store))
+    with StoreLock(store):  # released: free again
+        pass
+
+
+def test_lock_of_a_dead_process_is_taken_over(tmp_path):
+    store = str(tmp_path / "k.zarr")
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead = int(proc.stdout)
+    with open(lock_path(store), "w") as f:
+        json.dump({"pid": dead, "host": socket.gethostname(), "token": "x",
+                   "heartbeat": time.time()}, f)
+    with StoreLock(store) as lock:
+        with open(lock.path) as f:
+            assert json.load(f)["pid"] == os.getpid()
+
+
+def test_lock_with_an_old_heartbeat_is_stale(tmp_path):
+    store = str(tmp_path / "k.zarr")
+    with open(lock_path(store), "w") as f:
+        json.dump({"pid": 1, "host": "elsewhere", "token": "x",
+                   "heartbeat": time.time() - 3600}, f)
+    with StoreLock(store, stale_seconds=60):
+        pass
+    with open(lock_path(store), "w") as f:
+        json.dump({"pid": 1, "host": "elsewhere", "token": "x",
+                   "heartbeat": time.time()}, f)
+    with pytest.raises(StoreLockedError, match="elsewhere"):
+        StoreLock(store).acquire()
+
+
+def test_lock_heartbeat_advances(tmp_path):
+    store = str(tmp_path / "k.zarr")
+    with StoreLock(store, heartbeat_seconds=0.05) as lock:
+        with open(lock.path) as f:
+            first = json.load(f)["heartbeat"]
+        time.sleep(0.3)
+        with open(lock.path) as f:
+            assert json.load(f)["heartbeat"] > first
