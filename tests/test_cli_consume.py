@@ -173,3 +173,13 @@ def test_register_adds_both_subcommands():
         ]
     )
     assert args.ridge == [1e-3, 0.5] and args.method == "auto"
+
+
+def test_main_cli_runs_the_consumer_subcommands(job, capsys):
+    from ntkdist._cli import main as ntkdist_main
+
+    status = ntkdist_main(
+        ["spectrum", str(job["root"] / "train"), "--k", "3", "--no-smallest"]
+    )
+    out = capsys.readouterr().out
+    assert status == 0 and "top 3 eigenvalues" in out and "condition" not in out
