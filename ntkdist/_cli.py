@@ -112,8 +112,9 @@ def load_input(spec: str) -> Any:
     if ".npz:" in spec:
         path, key = spec.rsplit(":", 1)
     if not os.path.exists(path):
-        raise InputError(f"input {spec!r} does not exist; expected a .npy file, "
-                         "a .npz file with :key, or a Zarr array directory.")
+        raise InputError(f"input {spec!r} does not exist (looked at "
+                         f"{os.path.abspath(path)}); expected a .npy file, a .npz "
+                         "file with :key, or a Zarr array directory.")
     import numpy as np  # noqa: PLC0415
 
     if path.endswith(".npy"):
