@@ -149,6 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--python", help="python on the compute nodes")
     parser.add_argument("--interface", help="network interface, e.g. ib0")
     parser.add_argument("--host", help="scheduler bind address")
+    parser.add_argument("--dashboard-address", default=":8787")
     parser.add_argument("--scheduler-file", help="write the address here")
     parser.add_argument(
         "--dry-run", action="store_true", help="print the job script and exit"
@@ -168,6 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         python=args.python,
         interface=args.interface,
         host=args.host,
+        dashboard_address=args.dashboard_address,
         scheduler_file=args.scheduler_file,
     ) as cluster:
         if args.dry_run:
