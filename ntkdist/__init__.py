@@ -18,6 +18,6 @@ from ._errors import (
 from ._model import Model as Model
 
 __version__ = "0.1.0"
-from ._compute import compute as compute, open as open, plan as plan  # noqa: E402
-from ._planner import Plan as Plan  # noqa: E402
-from .storage import KernelStore as KernelStore  # noqa: E402
+from ._compute import compute as compute, open as open, plan as plan
+from ._planner import Plan as Plan
+from .storage import KernelStore as KernelStore

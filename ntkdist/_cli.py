@@ -1,4 +1,6 @@
-"""The ``ntkdist`` command line: compute | plan | status | verify (parsing and printing).
+"""The ``ntkdist`` command line: compute, plan, status, verify.
+
+Parsing and printing only; the work is in :mod:`ntkdist._compute`.
 
 MODEL is ``path/to/file.py:factory`` or ``package.module:factory``, where
 ``factory()`` returns ``(apply_fn, params)``. Inputs are ``.npy`` files,
@@ -55,9 +57,10 @@ def load_model(spec: str) -> tuple[Any, Any]:
         try:
             loader_spec.loader.exec_module(module)
         except Exception as err:
-            raise ModelError(f"running MODEL file {path} failed: "
-                             f"{type(err).__name__}: {err}") from err
-        import cloudpickle  # noqa: PLC0415
+            raise ModelError(
+                f"running MODEL file {path} failed: {type(err).__name__}: {err}"
+            ) from err
+        import cloudpickle
 
         cloudpickle.register_pickle_by_value(module)
     else:
@@ -77,10 +80,12 @@ def load_model(spec: str) -> tuple[Any, Any]:
     try:
         result = factory()
     except Exception as err:
-        raise ModelError(f"MODEL factory {spec!r} raised {type(err).__name__}: "
-                         f"{err}") from err
-    if not (isinstance(result, tuple | list) and len(result) == 2
-            and callable(result[0])):
+        raise ModelError(
+            f"MODEL factory {spec!r} raised {type(err).__name__}: {err}"
+        ) from err
+    if not (
+        isinstance(result, tuple | list) and len(result) == 2 and callable(result[0])
+    ):
         got = type(result).__name__
         if isinstance(result, tuple | list):
             got = f"a {got} of {len(result)} items"
@@ -112,10 +117,12 @@ def load_input(spec: str) -> Any:
     if ".npz:" in spec:
         path, key = spec.rsplit(":", 1)
     if not os.path.exists(path):
-        raise InputError(f"input {spec!r} does not exist (looked at "
-                         f"{os.path.abspath(path)}); expected a .npy file, a .npz "
-                         "file with :key, or a Zarr array directory.")
-    import numpy as np  # noqa: PLC0415
+        raise InputError(
+            f"input {spec!r} does not exist (looked at "
+            f"{os.path.abspath(path)}); expected a .npy file, a .npz "
+            "file with :key, or a Zarr array directory."
+        )
+    import numpy as np
 
     if path.endswith(".npy"):
         return np.load(path, mmap_mode="r")
@@ -125,66 +132,94 @@ def load_input(spec: str) -> Any:
             if key is None and len(keys) == 1:
                 key = keys[0]
             if key not in keys:
-                raise InputError(f"input {spec!r}: the .npz holds {keys}; pass "
-                                 f"{path}:KEY with one of them.")
+                raise InputError(
+                    f"input {spec!r}: the .npz holds {keys}; pass "
+                    f"{path}:KEY with one of them."
+                )
             return data[key]
-    import zarr  # noqa: PLC0415
+    import zarr
 
     try:
         return zarr.open_array(store=path, mode="r")
     except Exception as err:
-        raise InputError(f"input {spec!r} is neither .npy, .npz nor a Zarr "
-                         f"array ({type(err).__name__}: {err}).") from err
+        raise InputError(
+            f"input {spec!r} is neither .npy, .npz nor a Zarr "
+            f"array ({type(err).__name__}: {err})."
+        ) from err
 
 
 def _enable_x64_for(x: Any) -> None:
     """Compute float64 inputs in float64 (JAX's default would be float32)."""
-    import numpy as np  # noqa: PLC0415
+    import numpy as np
 
     if np.dtype(x.dtype) == np.float64:
-        import jax  # noqa: PLC0415
+        import jax
 
         jax.config.update("jax_enable_x64", True)
 
 
 def _job_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", metavar="MODEL",
-                   help="path/to/file.py:factory or package.module:factory; "
-                        "factory() returns (apply_fn, params)")
-    p.add_argument("--x1", required=True, help="inputs: x.npy, x.npz:key or a Zarr array")
+    p.add_argument(
+        "model",
+        metavar="MODEL",
+        help="path/to/file.py:factory or package.module:factory; "
+        "factory() returns (apply_fn, params)",
+    )
+    p.add_argument(
+        "--x1", required=True, help="inputs: x.npy, x.npz:key or a Zarr array"
+    )
     p.add_argument("--x2", help="second inputs (default: x2 = x1, symmetric)")
-    p.add_argument("--output", default="full",
-                   choices=["full", "trace", "diagonal", "pntk"],
-                   help="full Θ[i,j,a,b]; trace (1/O)Σ_a Θ[i,j,a,a]; diagonal "
-                        "Θ[i,j,a,a]; pntk (1/O)Σ_aΣ_b Θ[i,j,a,b]")
-    p.add_argument("--strategy", default="auto",
-                   help="auto, jacobian, ntvp or structured")
+    p.add_argument(
+        "--output",
+        default="full",
+        choices=["full", "trace", "diagonal", "pntk"],
+        help="full Θ[i,j,a,b]; trace (1/O)Σ_a Θ[i,j,a,a]; diagonal "
+        "Θ[i,j,a,a]; pntk (1/O)Σ_aΣ_b Θ[i,j,a,b]",
+    )
+    p.add_argument(
+        "--strategy", default="auto", help="auto, jacobian, ntvp or structured"
+    )
     p.add_argument("--tile", type=int, help="tile side in samples (one Zarr chunk)")
     p.add_argument("--memory-budget", help="peak memory per worker, e.g. 2GiB")
-    p.add_argument("--workers", type=int,
-                   help="worker processes of the embedded LocalCluster")
-    p.add_argument("--integer-inputs", action="store_true",
-                   help="allow integer inputs (token or class ids)")
+    p.add_argument(
+        "--workers", type=int, help="worker processes of the embedded LocalCluster"
+    )
+    p.add_argument(
+        "--integer-inputs",
+        action="store_true",
+        help="allow integer inputs (token or class ids)",
+    )
 
 
 def _exec_args(p: argparse.ArgumentParser, default: str) -> None:
-    p.add_argument("--scheduler", metavar="ADDRESS",
-                   help="join an existing Dask cluster at this scheduler address")
-    p.add_argument("--executor", choices=["dask", "serial"], default=default,
-                   help=f"where tiles run (default {default})")
+    p.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="join an existing Dask cluster at this scheduler address",
+    )
+    p.add_argument(
+        "--executor",
+        choices=["dask", "serial"],
+        default=default,
+        help=f"where tiles run (default {default})",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``ntkdist`` argument parser with every subcommand."""
     parser = argparse.ArgumentParser(
-        prog="ntkdist", description="Finite-width empirical NTK over whole datasets.")
+        prog="ntkdist", description="Finite-width empirical NTK over whole datasets."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     c = sub.add_parser("compute", help="compute a kernel into a Zarr store (resumes)")
     _job_args(c)
     c.add_argument("--out", required=True, metavar="STORE", help="Zarr store path")
-    c.add_argument("--overwrite", action="store_true",
-                   help="discard a store of a different job and start over")
+    c.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="discard a store of a different job and start over",
+    )
     _exec_args(c, "dask")
     c.set_defaults(func=_cmd_compute)
     p = sub.add_parser("plan", help="print the plan of a job without computing")
@@ -198,13 +233,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_status)
     v = sub.add_parser("verify", help="re-check every tile's checksum")
     v.add_argument("store", metavar="STORE")
-    v.add_argument("--repair", action="store_true",
-                   help="recompute exactly the missing and corrupt tiles")
-    v.add_argument("--model", help="MODEL spec overriding the one recorded in the store")
+    v.add_argument(
+        "--repair",
+        action="store_true",
+        help="recompute exactly the missing and corrupt tiles",
+    )
+    v.add_argument(
+        "--model", help="MODEL spec overriding the one recorded in the store"
+    )
     v.add_argument("--workers", type=int)
     _exec_args(v, "serial")
     v.set_defaults(func=_cmd_verify)
-    from . import _cli_bench, _cli_consume  # noqa: PLC0415
+    from . import _cli_bench, _cli_consume
 
     _cli_consume.register(sub)
     _cli_bench.register(sub)
@@ -212,56 +252,88 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_compute(args: argparse.Namespace) -> int:
-    from ._compute import compute  # noqa: PLC0415
+    from ._compute import compute
 
     x1 = load_input(args.x1)
     x2 = None if args.x2 is None else load_input(args.x2)
     _enable_x64_for(x1)
     apply_fn, params = load_model(args.model)
-    store = compute(apply_fn, params, x1, x2, store=args.out, output=args.output,
-                    strategy=args.strategy, tile=args.tile,
-                    memory_budget=args.memory_budget, scheduler=args.scheduler,
-                    workers=args.workers, executor=args.executor,
-                    overwrite=args.overwrite, progress=not args.quiet,
-                    model_spec=canonical_model_spec(args.model),
-                    integer_inputs=args.integer_inputs)
+    store = compute(
+        apply_fn,
+        params,
+        x1,
+        x2,
+        store=args.out,
+        output=args.output,
+        strategy=args.strategy,
+        tile=args.tile,
+        memory_budget=args.memory_budget,
+        scheduler=args.scheduler,
+        workers=args.workers,
+        executor=args.executor,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+        model_spec=canonical_model_spec(args.model),
+        integer_inputs=args.integer_inputs,
+    )
     print(f"kernel {store.output} {store.kernel.shape} written to {store.path}")
     print(f"open it with: ntkdist.open({store.path!r}).kernel  (or .to_dask())")
     return 0
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from ._compute import plan  # noqa: PLC0415
+    from ._compute import plan
 
     x1 = load_input(args.x1)
     x2 = None if args.x2 is None else load_input(args.x2)
     _enable_x64_for(x1)
     apply_fn, params = load_model(args.model)
-    the_plan = plan(apply_fn, params, x1, x2, output=args.output,
-                    strategy=args.strategy, tile=args.tile,
-                    memory_budget=args.memory_budget, workers=args.workers,
-                    probe=not args.no_probe)
+    the_plan = plan(
+        apply_fn,
+        params,
+        x1,
+        x2,
+        output=args.output,
+        strategy=args.strategy,
+        tile=args.tile,
+        memory_budget=args.memory_budget,
+        workers=args.workers,
+        probe=not args.no_probe,
+    )
     print(the_plan.to_json() if args.json else the_plan)
     return 0
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from ._compute import open as open_store  # noqa: PLC0415
-    from .storage import lock_path  # noqa: PLC0415
+    from ._compute import open as open_store
+    from .storage import lock_path
 
     store = open_store(args.store)
     done, total = store.progress()
     if args.json:
-        print(json.dumps({"done": done, "total": total, "complete": done == total,
-                          "fingerprint": store.fingerprint, "fields": store.fields,
-                          "plan": json.loads(store.plan.to_json())}))
+        print(
+            json.dumps(
+                {
+                    "done": done,
+                    "total": total,
+                    "complete": done == total,
+                    "fingerprint": store.fingerprint,
+                    "fields": store.fields,
+                    "plan": json.loads(store.plan.to_json()),
+                }
+            )
+        )
         return 0
     lock = lock_path(store.path)
     print(f"store        {store.path}")
-    print(f"progress     {done}/{total} tiles ({100 * done / max(1, total):.0f}%)"
-          + (" complete" if done == total else ""))
+    print(
+        f"progress     {done}/{total} tiles ({100 * done / max(1, total):.0f}%)"
+        + (" complete" if done == total else "")
+    )
     print(f"lock         {'held: ' + lock if os.path.exists(lock) else 'free'}")
-    print(f"model        {store.attrs.get('model_spec') or store.attrs.get('model_name')}")
+    print(
+        f"model        {store.attrs.get('model_spec') or store.attrs.get('model_name')}"
+    )
     print(f"fingerprint  {store.fingerprint}")
     for k, v in store.fields.items():
         print(f"  {k:<10} {v}")
@@ -270,30 +342,43 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from ._compute import open as open_store, repair  # noqa: PLC0415
+    from ._compute import open as open_store, repair
 
     store = open_store(args.store)
     holes, corrupt = store.check_tiles()
-    print(f"{store.path}: {store.plan.n_tiles} tiles, {len(holes)} missing, "
-          f"{len(corrupt)} corrupt")
+    print(
+        f"{store.path}: {store.plan.n_tiles} tiles, {len(holes)} missing, "
+        f"{len(corrupt)} corrupt"
+    )
     for t in corrupt[:20]:
-        print(f"  corrupt tile {t.key} (rows {t.rows[0]}:{t.rows[1]}, "
-              f"cols {t.cols[0]}:{t.cols[1]})")
+        print(
+            f"  corrupt tile {t.key} (rows {t.rows[0]}:{t.rows[1]}, "
+            f"cols {t.cols[0]}:{t.cols[1]})"
+        )
     if not args.repair:
         return EXIT_PROBLEMS if holes or corrupt else 0
     if not holes and not corrupt:
         return 0
     spec = args.model or store.attrs.get("model_spec")
     if not spec:
-        raise InputError(f"the store at {store.path} records no MODEL spec; pass "
-                         "--model path/to/file.py:factory to repair it.")
+        raise InputError(
+            f"the store at {store.path} records no MODEL spec; pass "
+            "--model path/to/file.py:factory to repair it."
+        )
     if store.plan.dtype == "float64":
-        import jax  # noqa: PLC0415
+        import jax
 
         jax.config.update("jax_enable_x64", True)
     apply_fn, params = load_model(spec)
-    repair(store.path, apply_fn, params, scheduler=args.scheduler,
-           workers=args.workers, executor=args.executor, progress=not args.quiet)
+    repair(
+        store.path,
+        apply_fn,
+        params,
+        scheduler=args.scheduler,
+        workers=args.workers,
+        executor=args.executor,
+        progress=not args.quiet,
+    )
     holes, corrupt = open_store(args.store).check_tiles()
     print(f"after repair: {len(holes)} missing, {len(corrupt)} corrupt")
     return EXIT_PROBLEMS if holes or corrupt else 0

@@ -77,9 +77,15 @@ class Job:
 
 
 def prepare(
-    apply_fn: ApplyFn | Model, params: Any, x1: Any, x2: Any | None = None, *,
-    output: str = "full", strategy: str | AbstractKernelStrategy = "auto",
-    check_finite: bool = True, check_independence: bool = True,
+    apply_fn: ApplyFn | Model,
+    params: Any,
+    x1: Any,
+    x2: Any | None = None,
+    *,
+    output: str = "full",
+    strategy: str | AbstractKernelStrategy = "auto",
+    check_finite: bool = True,
+    check_independence: bool = True,
     integer_inputs: bool = False,
 ) -> Job:
     """Validate the arguments once and fingerprint model, params and inputs.
@@ -111,7 +117,8 @@ def prepare(
         "model": model_digest(model, params, probe[:1]),
         "params": params_digest(params),
         "x1": array_digest(x1, "x1", check_finite=check_finite),
-        "x2": "symmetric" if x2 is None
+        "x2": "symmetric"
+        if x2 is None
         else array_digest(x2, "x2", check_finite=check_finite),
         "output": digest(output),
         "strategy": digest(repr(chosen)),
@@ -137,9 +144,15 @@ def cost_model(job: Job) -> CostModel:
             c = job.strategy.cost(job.model, job.params, x, a, b, job.output)
             samples[(a, b)] = (float(c.flops), float(c.bytes))
     out_items = int(np.prod(tile_shape(job.output, 1, 1, job.out_dim)))
-    feature = int(np.prod(job.x1.shape[1:], dtype=np.int64)) * np.dtype(job.x1.dtype).itemsize
-    return CostModel.fit(samples, out_items=out_items,
-                         itemsize=np.dtype(job.dtype).itemsize, feature_bytes=feature)
+    feature = (
+        int(np.prod(job.x1.shape[1:], dtype=np.int64)) * np.dtype(job.x1.dtype).itemsize
+    )
+    return CostModel.fit(
+        samples,
+        out_items=out_items,
+        itemsize=np.dtype(job.dtype).itemsize,
+        feature_bytes=feature,
+    )
 
 
 def measure_rate(job: Job, plan: Plan, cost: CostModel) -> float:
@@ -154,23 +167,45 @@ def measure_rate(job: Job, plan: Plan, cost: CostModel) -> float:
     return cost.tile_flops(p, p) / max(time.perf_counter() - t0, 1e-9)
 
 
-def plan_job(job: Job, *, tile: int | None = None, memory_budget: Any = None,
-             workers: int = 1, probe: bool = True) -> Plan:
+def plan_job(
+    job: Job,
+    *,
+    tile: int | None = None,
+    memory_budget: Any = None,
+    workers: int = 1,
+    probe: bool = True,
+) -> Plan:
     """Size tiles for ``job`` and predict its figures (no store is touched)."""
     cost = cost_model(job)
-    plan = make_plan(n1=job.n1, n2=job.n2, out_dim=job.out_dim, output=job.output,
-                     symmetric=job.x2 is None, dtype=job.dtype,
-                     strategy=job.strategy.name, cost=cost, tile=tile,
-                     memory_budget=parse_bytes(memory_budget), workers=workers)
+    plan = make_plan(
+        n1=job.n1,
+        n2=job.n2,
+        out_dim=job.out_dim,
+        output=job.output,
+        symmetric=job.x2 is None,
+        dtype=job.dtype,
+        strategy=job.strategy.name,
+        cost=cost,
+        tile=tile,
+        memory_budget=parse_bytes(memory_budget),
+        workers=workers,
+    )
     if probe:
         plan = dataclasses.replace(plan, flop_rate=measure_rate(job, plan, cost))
     return plan
 
 
 def plan(
-    apply_fn: ApplyFn | Model, params: Any, x1: Any, x2: Any | None = None, *,
-    output: str = "full", strategy: str | AbstractKernelStrategy = "auto",
-    tile: int | None = None, memory_budget: Any = None, workers: int | None = None,
+    apply_fn: ApplyFn | Model,
+    params: Any,
+    x1: Any,
+    x2: Any | None = None,
+    *,
+    output: str = "full",
+    strategy: str | AbstractKernelStrategy = "auto",
+    tile: int | None = None,
+    memory_budget: Any = None,
+    workers: int | None = None,
     probe: bool = True,
 ) -> Plan:
     """The plan ``compute`` would follow, without computing or storing anything.
@@ -199,19 +234,38 @@ def plan(
         6
     """
     job = prepare(apply_fn, params, x1, x2, output=output, strategy=strategy)
-    return plan_job(job, tile=tile, memory_budget=memory_budget,
-                    workers=workers or os.cpu_count() or 1, probe=probe)
+    return plan_job(
+        job,
+        tile=tile,
+        memory_budget=memory_budget,
+        workers=workers or os.cpu_count() or 1,
+        probe=probe,
+    )
 
 
 def compute(
-    apply_fn: ApplyFn | Model, params: Any, x1: Any, x2: Any | None = None, *,
-    store: str | os.PathLike[str], output: str = "full",
-    strategy: str | AbstractKernelStrategy = "auto", tile: int | None = None,
-    memory_budget: Any = None, client: Any = None, scheduler: str | None = None,
-    workers: int | None = None, executor: str | AbstractExecutor | None = None,
-    overwrite: bool = False, progress: bool = True, model_spec: str | None = None,
-    window: int | None = None, retries: int = 3, stream: TextIO | None = None,
-    check_finite: bool = True, check_independence: bool = True,
+    apply_fn: ApplyFn | Model,
+    params: Any,
+    x1: Any,
+    x2: Any | None = None,
+    *,
+    store: str | os.PathLike[str],
+    output: str = "full",
+    strategy: str | AbstractKernelStrategy = "auto",
+    tile: int | None = None,
+    memory_budget: Any = None,
+    client: Any = None,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    executor: str | AbstractExecutor | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    model_spec: str | None = None,
+    window: int | None = None,
+    retries: int = 3,
+    stream: TextIO | None = None,
+    check_finite: bool = True,
+    check_independence: bool = True,
     integer_inputs: bool = False,
 ) -> KernelStore:
     """Compute the empirical NTK tile by tile into a Zarr store; resumable.
@@ -266,27 +320,58 @@ def compute(
         >>> f = lambda p, x: jnp.tanh(x @ p["w"])
         >>> path = os.path.join(tempfile.mkdtemp(), "k.zarr")
         >>> s = ntkdist.compute(f, {"w": np.ones((3, 2))}, np.ones((5, 3)), store=path,
-        ...                     output="trace", tile=2, executor="serial", progress=False)
+        ...                     output="trace", tile=2, executor="serial",
+        ...                     progress=False)
         >>> s.complete, s.kernel.shape
         (True, (5, 5))
     """
     path = os.fspath(store)
     out = stream or sys.stderr
-    job = prepare(apply_fn, params, x1, x2, output=output, strategy=strategy,
-                  check_finite=check_finite, check_independence=check_independence,
-                  integer_inputs=integer_inputs)
-    runner = _executor(executor, client, scheduler, workers, job.dtype == "float64",
-                       window, retries, out, progress)
+    job = prepare(
+        apply_fn,
+        params,
+        x1,
+        x2,
+        output=output,
+        strategy=strategy,
+        check_finite=check_finite,
+        check_independence=check_independence,
+        integer_inputs=integer_inputs,
+    )
+    runner = _executor(
+        executor,
+        client,
+        scheduler,
+        workers,
+        job.dtype == "float64",
+        window,
+        retries,
+        out,
+        progress,
+    )
     stored = _stored_attrs(path) if not overwrite else None
     if stored is not None:
         tile = stored["plan"]["tile"] if tile is None else tile
         if strategy == "auto" and stored.get("strategy") in STRATEGIES:
-            job = dataclasses.replace(job, strategy=get(stored["strategy"]),
-                                      fields={**job.fields, "strategy": digest(
-                                          repr(get(stored["strategy"])))})
-    the_plan = plan_job(job, tile=tile, memory_budget=memory_budget,
-                        workers=runner.n_workers, probe=stored is None)
-    fields = {**job.fields, "tile": digest(f"{the_plan.tile_rows}x{the_plan.tile_cols}")}
+            job = dataclasses.replace(
+                job,
+                strategy=get(stored["strategy"]),
+                fields={
+                    **job.fields,
+                    "strategy": digest(repr(get(stored["strategy"]))),
+                },
+            )
+    the_plan = plan_job(
+        job,
+        tile=tile,
+        memory_budget=memory_budget,
+        workers=runner.n_workers,
+        probe=stored is None,
+    )
+    fields = {
+        **job.fields,
+        "tile": digest(f"{the_plan.tile_rows}x{the_plan.tile_cols}"),
+    }
     lock = _lock(path)
     try:
         kstore = _create_or_resume(path, job, the_plan, fields, overwrite, model_spec)
@@ -314,9 +399,15 @@ def open(store: str | os.PathLike[str]) -> KernelStore:
 
 
 def repair(
-    store: str | os.PathLike[str], apply_fn: ApplyFn | Model, params: Any, *,
-    client: Any = None, scheduler: str | None = None, workers: int | None = None,
-    executor: str | AbstractExecutor | None = None, progress: bool = True,
+    store: str | os.PathLike[str],
+    apply_fn: ApplyFn | Model,
+    params: Any,
+    *,
+    client: Any = None,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    executor: str | AbstractExecutor | None = None,
+    progress: bool = True,
     stream: TextIO | None = None,
 ) -> tuple[list[Tile], list[Tile]]:
     """Recompute exactly the tiles of a store that are missing or corrupt.
@@ -339,12 +430,23 @@ def repair(
             from .executors import read_block
 
             probe = read_block(spec.x1, (0, 1), 1)
-            new = {"model": model_digest(model, params, probe),
-                   "params": params_digest(params)}
+            new = {
+                "model": model_digest(model, params, probe),
+                "params": params_digest(params),
+            }
             check_same_job({k: kstore.fields[k] for k in new}, new, path)
             kstore.clear_tiles(corrupt)
-            runner = _executor(executor, client, scheduler, workers,
-                               kstore.plan.dtype == "float64", None, 3, out, progress)
+            runner = _executor(
+                executor,
+                client,
+                scheduler,
+                workers,
+                kstore.plan.dtype == "float64",
+                None,
+                3,
+                out,
+                progress,
+            )
             todo = [t for t in kstore.plan.tiles() if t in set(holes) | set(corrupt)]
             _run(kstore, model, params, todo, runner, progress, out)
         return holes, corrupt
@@ -356,10 +458,17 @@ def repair(
 # -- internals ----------------------------------------------------------------
 
 
-def _executor(executor: str | AbstractExecutor | None, client: Any,
-              scheduler: str | None, workers: int | None, x64: bool,
-              window: int | None, retries: int, out: TextIO,
-              verbose: bool) -> AbstractExecutor:
+def _executor(
+    executor: str | AbstractExecutor | None,
+    client: Any,
+    scheduler: str | None,
+    workers: int | None,
+    x64: bool,
+    window: int | None,
+    retries: int,
+    out: TextIO,
+    verbose: bool,
+) -> AbstractExecutor:
     if isinstance(executor, AbstractExecutor):
         return executor
     if executor == "serial":
@@ -369,8 +478,16 @@ def _executor(executor: str | AbstractExecutor | None, client: Any,
             f"executor={executor!r}; expected 'dask', 'serial' or an "
             "AbstractExecutor instance."
         )
-    return DaskExecutor(client, address=scheduler, n_workers=workers, x64=x64,
-                        window=window, retries=retries, stream=out, verbose=verbose)
+    return DaskExecutor(
+        client,
+        address=scheduler,
+        n_workers=workers,
+        x64=x64,
+        window=window,
+        retries=retries,
+        stream=out,
+        verbose=verbose,
+    )
 
 
 def _stored_attrs(path: str) -> dict[str, Any] | None:
@@ -404,8 +521,14 @@ def _lock(path: str) -> StoreLock | None:
     return lock
 
 
-def _create_or_resume(path: str, job: Job, the_plan: Plan, fields: dict[str, str],
-                      overwrite: bool, model_spec: str | None) -> KernelStore:
+def _create_or_resume(
+    path: str,
+    job: Job,
+    the_plan: Plan,
+    fields: dict[str, str],
+    overwrite: bool,
+    model_spec: str | None,
+) -> KernelStore:
     state = store_state(path)
     if state == "other":
         raise StoreError(
@@ -430,13 +553,21 @@ def _create_or_resume(path: str, job: Job, the_plan: Plan, fields: dict[str, str
             src = {"root": "", "path": f"inputs/{name}"}
         sources[name] = {**src, "shape": list(x.shape), "dtype": str(np.dtype(x.dtype))}
     spec = {
-        "output": job.output, "out_dim": job.out_dim, "n1": job.n1, "n2": job.n2,
-        "symmetric": job.x2 is None, "strategy": job.strategy.name,
-        "strategy_repr": repr(job.strategy), "dtype": job.dtype,
+        "output": job.output,
+        "out_dim": job.out_dim,
+        "n1": job.n1,
+        "n2": job.n2,
+        "symmetric": job.x2 is None,
+        "strategy": job.strategy.name,
+        "strategy_repr": repr(job.strategy),
+        "dtype": job.dtype,
         "tile": [the_plan.tile_rows, the_plan.tile_cols],
-        "fields": fields, "fingerprint": fingerprint(fields),
-        "model_spec": model_spec, "model_name": _qualname(job.model.apply_fn),
-        "inputs": sources, "versions": _versions(),
+        "fields": fields,
+        "fingerprint": fingerprint(fields),
+        "model_spec": model_spec,
+        "model_name": _qualname(job.model.apply_fn),
+        "inputs": sources,
+        "versions": _versions(),
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "conventions": _CONVENTIONS[job.output],
     }
@@ -469,13 +600,18 @@ def _versions() -> dict[str, str]:
 
     import ntkdist
 
-    return {"ntkdist": ntkdist.__version__, "jax": jax.__version__,
-            "zarr": zarr.__version__, "dask": dask.__version__,
-            "python": sys.version.split()[0]}
+    return {
+        "ntkdist": ntkdist.__version__,
+        "jax": jax.__version__,
+        "zarr": zarr.__version__,
+        "dask": dask.__version__,
+        "python": sys.version.split()[0],
+    }
 
 
-def _spec_of(kstore: KernelStore,
-             strategy: AbstractKernelStrategy | None = None) -> TileSpec:
+def _spec_of(
+    kstore: KernelStore, strategy: AbstractKernelStrategy | None = None
+) -> TileSpec:
     a = kstore.attrs
 
     def source(d: dict[str, Any] | None) -> InputSource | None:
@@ -492,20 +628,35 @@ def _spec_of(kstore: KernelStore,
             "recompute with ntkdist.compute and the same strategy instance."
         )
     p = kstore.plan
-    return TileSpec(store=os.path.abspath(kstore.path), x1=x1,
-                    x2=source(a["inputs"]["x2"]), output=p.output,
-                    strategy=strategy or get(a["strategy"]), tile_rows=p.tile_rows,
-                    tile_cols=p.tile_cols, dtype=p.dtype,
-                    fingerprint=kstore.fingerprint)
+    return TileSpec(
+        store=os.path.abspath(kstore.path),
+        x1=x1,
+        x2=source(a["inputs"]["x2"]),
+        output=p.output,
+        strategy=strategy or get(a["strategy"]),
+        tile_rows=p.tile_rows,
+        tile_cols=p.tile_cols,
+        dtype=p.dtype,
+        fingerprint=kstore.fingerprint,
+    )
 
 
-def _run(kstore: KernelStore, model: Model, params: Any, todo: Sequence[Tile],
-         runner: AbstractExecutor, progress: bool, out: TextIO,
-         strategy: AbstractKernelStrategy | None = None) -> None:
+def _run(
+    kstore: KernelStore,
+    model: Model,
+    params: Any,
+    todo: Sequence[Tile],
+    runner: AbstractExecutor,
+    progress: bool,
+    out: TextIO,
+    strategy: AbstractKernelStrategy | None = None,
+) -> None:
     done, total = kstore.progress()
     if progress:
-        out.write(f"[ntkdist] store {kstore.path}: {done}/{total} tiles done, "
-                  f"computing {len(todo)}\n")
+        out.write(
+            f"[ntkdist] store {kstore.path}: {done}/{total} tiles done, "
+            f"computing {len(todo)}\n"
+        )
         out.flush()
     if not todo:
         return
@@ -527,4 +678,3 @@ def _run(kstore: KernelStore, model: Model, params: Any, todo: Sequence[Tile],
             f"{type(err).__name__}: {err}). Finished tiles are recorded; run the "
             "same job again to compute only the missing ones."
         ) from err
-

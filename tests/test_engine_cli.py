@@ -39,8 +39,9 @@ def files(tmp_path):
     x = rng.normal(size=(13, 3))
     np.save(tmp_path / "x.npy", x)
     np.savez(tmp_path / "d.npz", a=rng.normal(size=(6, 3)), b=rng.normal(size=(6, 5)))
-    z = zarr.create_array(store=str(tmp_path / "x.zarr"), shape=x.shape,
-                          chunks=(4, 3), dtype="float64")
+    z = zarr.create_array(
+        store=str(tmp_path / "x.zarr"), shape=x.shape, chunks=(4, 3), dtype="float64"
+    )
     z[...] = x
     return tmp_path
 
@@ -50,12 +51,38 @@ def _model(files):
 
 
 def test_plan_prints_figures_without_computing(files, capsys):
-    assert main(["plan", _model(files), "--x1", str(files / "x.npy"), "--output",
-                 "trace", "--tile", "5"]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                _model(files),
+                "--x1",
+                str(files / "x.npy"),
+                "--output",
+                "trace",
+                "--tile",
+                "5",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "tiles to compute    6" in out and "estimated time" in out
-    assert main(["plan", _model(files), "--x1", str(files / "x.npy"), "--tile", "5",
-                 "--json", "--no-probe"]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                _model(files),
+                "--x1",
+                str(files / "x.npy"),
+                "--tile",
+                "5",
+                "--json",
+                "--no-probe",
+            ]
+        )
+        == 0
+    )
     plan = ntkdist.Plan.from_json(capsys.readouterr().out)
     assert plan.n_tiles == 6 and plan.output == "full"
     assert not (files / "k.zarr").exists()
@@ -70,9 +97,20 @@ def test_plan_prints_figures_without_computing(files, capsys):
     ],
 )
 def test_compute_then_status(files, capsys, x2):
-    args = ["compute", _model(files), "--x1", str(files / "x.npy"), "--out",
-            str(files / "k.zarr"), "--output", "diagonal", "--tile", "4",
-            "--executor", "serial"]
+    args = [
+        "compute",
+        _model(files),
+        "--x1",
+        str(files / "x.npy"),
+        "--out",
+        str(files / "k.zarr"),
+        "--output",
+        "diagonal",
+        "--tile",
+        "4",
+        "--executor",
+        "serial",
+    ]
     if x2:
         args += ["--x2", str(files / x2)]
     assert main(args) == 0
@@ -81,9 +119,13 @@ def test_compute_then_status(files, capsys, x2):
     from ntkdist._cli import load_input, load_model
 
     f, p = load_model(_model(files))
-    ref = ntkdist.ntk(f, p, np.load(files / "x.npy"),
-                      None if x2 is None else np.asarray(load_input(str(files / x2))),
-                      output="diagonal")
+    ref = ntkdist.ntk(
+        f,
+        p,
+        np.load(files / "x.npy"),
+        None if x2 is None else np.asarray(load_input(str(files / x2))),
+        output="diagonal",
+    )
     np.testing.assert_allclose(s.kernel[...], ref, rtol=1e-10)
     assert main(["status", str(files / "k.zarr")]) == 0
     out = capsys.readouterr().out
@@ -95,9 +137,26 @@ def test_compute_then_status(files, capsys, x2):
 
 def test_verify_finds_and_repair_fixes_exactly_the_bad_tiles(files, capsys):
     store = files / "k.zarr"
-    assert main(["compute", _model(files), "--x1", str(files / "x.npy"), "--out",
-                 str(store), "--output", "trace", "--tile", "4", "--executor",
-                 "serial", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "compute",
+                _model(files),
+                "--x1",
+                str(files / "x.npy"),
+                "--out",
+                str(store),
+                "--output",
+                "trace",
+                "--tile",
+                "4",
+                "--executor",
+                "serial",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     clean = ntkdist.open(store).kernel[...]
     chunks = store / "kernel" / "c"
     (chunks / "0" / "1").write_bytes((chunks / "0" / "1").read_bytes()[:7])
@@ -112,17 +171,38 @@ def test_verify_finds_and_repair_fixes_exactly_the_bad_tiles(files, capsys):
     assert "after repair: 0 missing, 0 corrupt" in capsys.readouterr().out
     np.testing.assert_array_equal(ntkdist.open(store).kernel[...], clean)
     rewritten = {f for f, t in mtimes.items() if f.stat().st_mtime_ns != t}
-    bad = {chunks / "0" / "1", chunks / "1" / "0", chunks / "2" / "1",
-           chunks / "1" / "2"}
+    bad = {
+        chunks / "0" / "1",
+        chunks / "1" / "0",
+        chunks / "2" / "1",
+        chunks / "1" / "2",
+    }
     assert rewritten <= bad  # nothing else was recomputed
     assert main(["verify", str(store)]) == 0
 
 
 def test_verify_repair_reports_holes_and_fills_them(files, capsys):
     store = files / "k.zarr"
-    assert main(["compute", _model(files), "--x1", str(files / "x.npy"), "--out",
-                 str(store), "--output", "pntk", "--tile", "5", "--executor",
-                 "serial", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "compute",
+                _model(files),
+                "--x1",
+                str(files / "x.npy"),
+                "--out",
+                str(store),
+                "--output",
+                "pntk",
+                "--tile",
+                "5",
+                "--executor",
+                "serial",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     s = zarr.open_group(str(store), mode="r+")
     s["done"][0, 2] = 0  # a lost marker: the tile counts as missing
     assert main(["verify", str(store)]) == 1
@@ -161,8 +241,19 @@ def test_bad_model_spec(files, capsys, monkeypatch, model, message):
 )
 def test_bad_inputs_are_clear_errors(files, capsys, monkeypatch, extra, message):
     monkeypatch.chdir(files)
-    rc = main(["compute", _model(files), "--x1", str(files / "x.npy"), "--out",
-               str(files / "k.zarr"), "--executor", "serial", *extra])
+    rc = main(
+        [
+            "compute",
+            _model(files),
+            "--x1",
+            str(files / "x.npy"),
+            "--out",
+            str(files / "k.zarr"),
+            "--executor",
+            "serial",
+            *extra,
+        ]
+    )
     assert rc == 2
     assert message in capsys.readouterr().err
     assert not (files / "k.zarr").exists()
@@ -172,9 +263,24 @@ def test_errors_keep_what_was_written(files, capsys):
     store = files / "k.zarr"
 
     def compute(out, output="trace", *extra):
-        return main(["compute", _model(files), "--x1", str(files / "x.npy"), "--out",
-                     str(out), "--output", output, "--tile", "4", "--executor",
-                     "serial", "--quiet", *extra])
+        return main(
+            [
+                "compute",
+                _model(files),
+                "--x1",
+                str(files / "x.npy"),
+                "--out",
+                str(out),
+                "--output",
+                output,
+                "--tile",
+                "4",
+                "--executor",
+                "serial",
+                "--quiet",
+                *extra,
+            ]
+        )
 
     assert compute(store) == 0
     before = ntkdist.open(store).kernel[...]
@@ -193,10 +299,25 @@ def test_errors_keep_what_was_written(files, capsys):
 
 
 def test_console_entry_point_runs_in_a_subprocess(files):
-    out = subprocess.run([sys.executable, "-m", "ntkdist", "plan", _model(files),
-                          "--x1", str(files / "x.npy"), "--output", "pntk",
-                          "--tile", "7", "--no-probe"],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ntkdist",
+            "plan",
+            _model(files),
+            "--x1",
+            str(files / "x.npy"),
+            "--output",
+            "pntk",
+            "--tile",
+            "7",
+            "--no-probe",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert "tiles to compute    3" in out.stdout
     assert "float64" in out.stdout  # float64 inputs compute in float64

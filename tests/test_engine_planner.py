@@ -26,13 +26,22 @@ def test_planner_imports_no_jax_dask_or_zarr():
             elif isinstance(node, ast.ImportFrom) and node.level == 0:
                 names = [node.module or ""]
             for name in names:
-                assert name.split(".")[0] not in {"jax", "dask", "distributed", "zarr"}, (
-                    f"{path.name} imports {name}")
+                assert name.split(".")[0] not in {
+                    "jax",
+                    "dask",
+                    "distributed",
+                    "zarr",
+                }, f"{path.name} imports {name}"
 
 
 @settings(max_examples=60, deadline=None)
-@given(n1=st.integers(1, 40), n2=st.integers(1, 40), t1=st.integers(1, 12),
-       t2=st.integers(1, 12), symmetric=st.booleans())
+@given(
+    n1=st.integers(1, 40),
+    n2=st.integers(1, 40),
+    t1=st.integers(1, 12),
+    t2=st.integers(1, 12),
+    symmetric=st.booleans(),
+)
 def test_tiles_cover_every_entry_exactly_once(n1, n2, t1, t2, symmetric):
     if symmetric:
         n2, t2 = n1, t1
@@ -55,8 +64,16 @@ def test_tiles_are_row_major_so_row_factors_are_reused():
 
 
 def test_symmetric_plan_has_upper_triangle_only():
-    p = Plan(n1=10, n2=10, out_dim=3, output="full", symmetric=True, tile=3,
-             strategy="jacobian", dtype="float64")
+    p = Plan(
+        n1=10,
+        n2=10,
+        out_dim=3,
+        output="full",
+        symmetric=True,
+        tile=3,
+        strategy="jacobian",
+        dtype="float64",
+    )
     assert p.grid == (4, 4)
     assert p.n_tiles == 10 == len(p.tiles())
     assert all(t.i <= t.j for t in p.tiles())
@@ -64,23 +81,39 @@ def test_symmetric_plan_has_upper_triangle_only():
 
 def test_plan_round_trips_through_json_and_prints_its_figures():
     cost = CostModel((1e3, 2e3, 2e3, 5e2), (0, 800, 800, 8), 4, 8, 24)
-    p = make_plan(n1=1000, n2=300, out_dim=2, output="full", symmetric=False,
-                  dtype="float64", strategy="structured", cost=cost, tile=128,
-                  workers=2, flop_rate=1e9)
+    p = make_plan(
+        n1=1000,
+        n2=300,
+        out_dim=2,
+        output="full",
+        symmetric=False,
+        dtype="float64",
+        strategy="structured",
+        cost=cost,
+        tile=128,
+        workers=2,
+        flop_rate=1e9,
+    )
     again = Plan.from_json(p.to_json())
     assert again == p
     text = str(p)
-    for word in ("tiles to compute", "bytes on disk", "peak memory/worker", "FLOPs",
-                 "estimated time"):
+    for word in (
+        "tiles to compute",
+        "bytes on disk",
+        "peak memory/worker",
+        "FLOPs",
+        "estimated time",
+    ):
         assert word in text
     assert p.bytes_on_disk == 1000 * 300 * 4 * 8
     assert p.total_flops == pytest.approx(
-        sum(cost.tile_flops(*t.shape) for t in p.tiles()))
+        sum(cost.tile_flops(*t.shape) for t in p.tiles())
+    )
     assert p.est_seconds == pytest.approx(p.total_flops / 1e9 / 2)
 
 
 def test_cost_model_fit_is_exact_for_bilinear_costs():
-    f = lambda a, b: 7.0 + 3.0 * a + 5.0 * b + 2.0 * a * b  # noqa: E731
+    f = lambda a, b: 7.0 + 3.0 * a + 5.0 * b + 2.0 * a * b
     samples = {(a, b): (f(a, b), 2 * f(a, b)) for a in (16, 32) for b in (16, 32)}
     m = CostModel.fit(samples, out_items=1, itemsize=8, feature_bytes=8)
     assert m.tile_flops(100, 3) == pytest.approx(f(100, 3))
@@ -88,8 +121,11 @@ def test_cost_model_fit_is_exact_for_bilinear_costs():
 
 
 @settings(max_examples=40, deadline=None)
-@given(per_pair=st.integers(8, 10_000), per_side=st.integers(0, 100_000),
-       extra=st.integers(1, 2**30))
+@given(
+    per_pair=st.integers(8, 10_000),
+    per_side=st.integers(0, 100_000),
+    extra=st.integers(1, 2**30),
+)
 def test_largest_tile_is_the_largest_that_fits(per_pair, per_side, extra):
     m = CostModel((0, 0, 0, 0), (0, per_side, per_side, per_pair), 1, 8, 8)
     budget = WORKER_BASELINE_BYTES + extra
@@ -105,8 +141,17 @@ def test_largest_tile_is_the_largest_that_fits(per_pair, per_side, extra):
 def test_too_small_budget_says_how_much_is_needed():
     m = CostModel((0, 0, 0, 0), (0, 1e6, 1e6, 0), 4, 8, 8)
     with pytest.raises(PlanError, match=r"needs at least .*MiB") as info:
-        make_plan(n1=10, n2=10, out_dim=2, output="full", symmetric=True,
-                  dtype="float64", strategy="jacobian", cost=m, memory_budget=2**20)
+        make_plan(
+            n1=10,
+            n2=10,
+            out_dim=2,
+            output="full",
+            symmetric=True,
+            dtype="float64",
+            strategy="jacobian",
+            cost=m,
+            memory_budget=2**20,
+        )
     assert format_bytes(m.worker_bytes(1, 1)) in str(info.value)
 
 
@@ -114,15 +159,33 @@ def test_explicit_tile_over_budget_is_refused_with_the_largest_that_fits():
     m = CostModel((0, 0, 0, 0), (0, 0, 0, 8 * 2**10), 1, 8, 8)
     budget = WORKER_BASELINE_BYTES + 2 * 100 * 100 * 8 * 2**10
     with pytest.raises(PlanError, match="largest tile that fits is"):
-        make_plan(n1=1000, n2=1000, out_dim=1, output="trace", symmetric=True,
-                  dtype="float64", strategy="jacobian", cost=m, tile=500,
-                  memory_budget=budget)
+        make_plan(
+            n1=1000,
+            n2=1000,
+            out_dim=1,
+            output="trace",
+            symmetric=True,
+            dtype="float64",
+            strategy="jacobian",
+            cost=m,
+            tile=500,
+            memory_budget=budget,
+        )
 
 
 def test_default_tile_gives_each_worker_tiles():
     m = CostModel((0, 0, 0, 1), (0, 8, 8, 8), 1, 8, 8)
-    p = make_plan(n1=2000, n2=2000, out_dim=1, output="trace", symmetric=True,
-                  dtype="float64", strategy="jacobian", cost=m, workers=4)
+    p = make_plan(
+        n1=2000,
+        n2=2000,
+        out_dim=1,
+        output="trace",
+        symmetric=True,
+        dtype="float64",
+        strategy="jacobian",
+        cost=m,
+        workers=4,
+    )
     assert p.n_tiles >= 8
     assert p.tile <= 1024
 

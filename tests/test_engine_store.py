@@ -18,8 +18,16 @@ from ntkdist.storage import KernelStore, StoreLock, lock_path, store_state, writ
 
 
 def _plan(output="full", symmetric=True, n1=5, n2=5, tile=2, out_dim=2):
-    return Plan(n1=n1, n2=n2 if not symmetric else n1, out_dim=out_dim, output=output,
-                symmetric=symmetric, tile=tile, strategy="jacobian", dtype="float64")
+    return Plan(
+        n1=n1,
+        n2=n2 if not symmetric else n1,
+        out_dim=out_dim,
+        output=output,
+        symmetric=symmetric,
+        tile=tile,
+        strategy="jacobian",
+        dtype="float64",
+    )
 
 
 def _spec():
@@ -30,15 +38,18 @@ def _fill(store, rng):
     """Write every tile with random data; return the dense array written."""
     dense = np.full(store.kernel.shape, np.nan)
     for t in store.plan.tiles():
-        block = rng.normal(size=store.kernel[t.rows[0]:t.rows[1],
-                                             t.cols[0]:t.cols[1]].shape)
+        block = rng.normal(
+            size=store.kernel[t.rows[0] : t.rows[1], t.cols[0] : t.cols[1]].shape
+        )
         if t.kind == "diagonal" and store.output == "full":
             block = (block + block.transpose(1, 0, 3, 2)) / 2
         cs = write_tile(store.kernel, t, block, store.output)
         store.write_marker(t, cs)
-        dense[t.rows[0]:t.rows[1], t.cols[0]:t.cols[1]] = block
+        dense[t.rows[0] : t.rows[1], t.cols[0] : t.cols[1]] = block
         if t.kind == "mirror":
-            dense[t.cols[0]:t.cols[1], t.rows[0]:t.rows[1]] = block.transpose(1, 0, 3, 2)
+            dense[t.cols[0] : t.cols[1], t.rows[0] : t.rows[1]] = block.transpose(
+                1, 0, 3, 2
+            )
     return dense
 
 
@@ -74,11 +85,13 @@ def test_check_tiles_finds_truncated_altered_and_missing_chunks(tmp_path):
     truncated.write_bytes(truncated.read_bytes()[:5])
     (path / "kernel" / "c" / "2" / "2").unlink()
     # Block (2, 0) is the mirror written by tile (0, 2).
-    other = KernelStore.create(str(tmp_path / "o.zarr"), plan=_plan(output="trace"),
-                               spec=_spec())
+    other = KernelStore.create(
+        str(tmp_path / "o.zarr"), plan=_plan(output="trace"), spec=_spec()
+    )
     _fill_trace(other, seed=1)
     (path / "kernel" / "c" / "2" / "0").write_bytes(
-        (tmp_path / "o.zarr" / "kernel" / "c" / "2" / "0").read_bytes())
+        (tmp_path / "o.zarr" / "kernel" / "c" / "2" / "0").read_bytes()
+    )
     holes, corrupt = s.check_tiles()
     assert holes == []
     assert sorted(t.key for t in corrupt) == ["0.1", "0.2", "2.2"]
@@ -102,8 +115,9 @@ def test_rectangular_ragged_tiles(tmp_path):
     assert s.kernel.chunks == (4, 3, 2)
     rng = np.random.default_rng(0)
     for t in plan.tiles():
-        s.write_marker(t, write_tile(s.kernel, t, rng.normal(size=(*t.shape, 2)),
-                                     "diagonal"))
+        s.write_marker(
+            t, write_tile(s.kernel, t, rng.normal(size=(*t.shape, 2)), "diagonal")
+        )
     assert s.complete and s.check_tiles() == ([], [])
     assert not np.isnan(s.kernel[...]).any()
 
@@ -123,9 +137,11 @@ def test_open_refuses_what_is_not_a_store(tmp_path):
 
 def test_lock_refuses_a_second_live_job(tmp_path):
     store = str(tmp_path / "k.zarr")
-    with StoreLock(store):
-        with pytest.raises(StoreLockedError, match="being written by another job"):
-            StoreLock(store).acquire()
+    with (
+        StoreLock(store),
+        pytest.raises(StoreLockedError, match="being written by another job"),
+    ):
+        StoreLock(store).acquire()
     assert not os.path.exists(lock_path(store))
     with StoreLock(store):  # released: free again
         pass
@@ -133,27 +149,45 @@ def test_lock_refuses_a_second_live_job(tmp_path):
 
 def test_lock_of_a_dead_process_is_taken_over(tmp_path):
     store = str(tmp_path / "k.zarr")
-    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     dead = int(proc.stdout)
     with open(lock_path(store), "w") as f:
-        json.dump({"pid": dead, "host": socket.gethostname(), "token": "x",
-                   "heartbeat": time.time()}, f)
-    with StoreLock(store) as lock:
-        with open(lock.path) as f:
-            assert json.load(f)["pid"] == os.getpid()
+        json.dump(
+            {
+                "pid": dead,
+                "host": socket.gethostname(),
+                "token": "x",
+                "heartbeat": time.time(),
+            },
+            f,
+        )
+    with StoreLock(store) as lock, open(lock.path) as f:
+        assert json.load(f)["pid"] == os.getpid()
 
 
 def test_lock_with_an_old_heartbeat_is_stale(tmp_path):
     store = str(tmp_path / "k.zarr")
     with open(lock_path(store), "w") as f:
-        json.dump({"pid": 1, "host": "elsewhere", "token": "x",
-                   "heartbeat": time.time() - 3600}, f)
+        json.dump(
+            {
+                "pid": 1,
+                "host": "elsewhere",
+                "token": "x",
+                "heartbeat": time.time() - 3600,
+            },
+            f,
+        )
     with StoreLock(store, stale_seconds=60):
         pass
     with open(lock_path(store), "w") as f:
-        json.dump({"pid": 1, "host": "elsewhere", "token": "x",
-                   "heartbeat": time.time()}, f)
+        json.dump(
+            {"pid": 1, "host": "elsewhere", "token": "x", "heartbeat": time.time()}, f
+        )
     with pytest.raises(StoreLockedError, match="elsewhere"):
         StoreLock(store).acquire()
 

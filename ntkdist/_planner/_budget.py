@@ -18,9 +18,20 @@ XLA_OVERHEAD = 2.0
 OUTPUT_COPIES = 4
 
 _UNITS = {
-    "": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6,
-    "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 2**10,
-    "mib": 2**20, "gib": 2**30, "tib": 2**40,
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "m": 10**6,
+    "mb": 10**6,
+    "g": 10**9,
+    "gb": 10**9,
+    "t": 10**12,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
 }
 
 
@@ -82,15 +93,19 @@ class CostModel:
 
     @staticmethod
     def fit(
-        samples: dict[tuple[int, int], tuple[float, float]], *, out_items: int,
-        itemsize: int, feature_bytes: int,
+        samples: dict[tuple[int, int], tuple[float, float]],
+        *,
+        out_items: int,
+        itemsize: int,
+        feature_bytes: int,
     ) -> CostModel:
-        """Fit from ``{(n1, n2): (flops, bytes)}`` at ``(s,s), (2s,s), (s,2s), (2s,2s)``.
+        """Fit from ``{(n1, n2): (flops, bytes)}`` at four corners of a rectangle.
 
         Example:
             >>> f = lambda a, b: (a * b * 2.0, a + b + 1.0)
             >>> s = {(m, n): f(m, n) for m in (8, 16) for n in (8, 16)}
-            >>> CostModel.fit(s, out_items=1, itemsize=8, feature_bytes=8).tile_flops(3, 5)
+            >>> m = CostModel.fit(s, out_items=1, itemsize=8, feature_bytes=8)
+            >>> m.tile_flops(3, 5)
             30.0
         """
         (s1, s2) = sorted({k[0] for k in samples})

@@ -70,7 +70,9 @@ class Plan:
                 f"tile={self.tile}, n1={self.n1}, n2={self.n2}: all must be >= 1."
             )
         if self.symmetric and self.n1 != self.n2:
-            raise PlanError(f"a symmetric plan needs n1 == n2, got {self.n1}, {self.n2}.")
+            raise PlanError(
+                f"a symmetric plan needs n1 == n2, got {self.n1}, {self.n2}."
+            )
 
     @property
     def tile_rows(self) -> int:
@@ -98,7 +100,9 @@ class Plan:
         """Predicted wall time on ``workers`` workers (``None`` without a probe)."""
         if not self.flop_rate:
             return None
-        return self.total_flops / self.flop_rate / max(1, min(self.workers, self.n_tiles))
+        return (
+            self.total_flops / self.flop_rate / max(1, min(self.workers, self.n_tiles))
+        )
 
     def tiles(self) -> tuple[Tile, ...]:
         """The tiles, row-major (upper triangle with mirrors when symmetric)."""
@@ -118,22 +122,40 @@ class Plan:
         """A table of the plan and its predicted figures."""
         g1, g2 = self.grid
         est = self.est_seconds
-        rate = "not measured" if not self.flop_rate else f"{self.flop_rate / 1e9:.2f} GFLOP/s"
-        budget = "none" if self.memory_budget is None else format_bytes(self.memory_budget)
+        rate = (
+            "not measured"
+            if not self.flop_rate
+            else f"{self.flop_rate / 1e9:.2f} GFLOP/s"
+        )
+        budget = (
+            "none" if self.memory_budget is None else format_bytes(self.memory_budget)
+        )
         lines = [
-            ("kernel", f"{self.output} {self.n1}×{self.n2}, O={self.out_dim}, {self.dtype}"
-             + (", symmetric (x2 = x1)" if self.symmetric else "")),
+            (
+                "kernel",
+                f"{self.output} {self.n1}×{self.n2}, O={self.out_dim}, {self.dtype}"
+                + (", symmetric (x2 = x1)" if self.symmetric else ""),
+            ),
             ("strategy", self.strategy),
             ("tile", f"{self.tile_rows}×{self.tile_cols} samples (grid {g1}×{g2})"),
-            ("tiles to compute", f"{self.n_tiles}"
-             + (" (upper triangle, mirrors written)" if self.symmetric else "")),
+            (
+                "tiles to compute",
+                f"{self.n_tiles}"
+                + (" (upper triangle, mirrors written)" if self.symmetric else ""),
+            ),
             ("bytes on disk", f"{format_bytes(self.bytes_on_disk)} (uncompressed)"),
-            ("peak memory/worker", f"{format_bytes(self.peak_bytes_per_worker)} "
-             f"(budget {budget})"),
+            (
+                "peak memory/worker",
+                f"{format_bytes(self.peak_bytes_per_worker)} (budget {budget})",
+            ),
             ("FLOPs", f"{self.total_flops:.3g} ({self.tile_flops:.3g} per tile)"),
             ("probe rate", rate),
-            ("estimated time", "unknown" if est is None
-             else f"{_fmt_seconds(est)} on {self.workers} worker(s)"),
+            (
+                "estimated time",
+                "unknown"
+                if est is None
+                else f"{_fmt_seconds(est)} on {self.workers} worker(s)",
+            ),
         ]
         width = max(len(k) for k, _ in lines)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in lines)
@@ -142,16 +164,26 @@ class Plan:
 def _fmt_seconds(s: float) -> str:
     if s < 60:
         return f"{s:.1f} s"
-    m, s = divmod(int(round(s)), 60)
+    m, s = divmod(round(s), 60)
     h, m = divmod(m, 60)
     return f"{h}:{m:02d}:{s:02d}"
 
 
 def make_plan(
-    *, n1: int, n2: int, out_dim: int, output: str, symmetric: bool, dtype: str,
-    strategy: str, cost: CostModel, tile: int | None = None,
-    memory_budget: float | None = None, workers: int = 1,
-    flop_rate: float | None = None, max_tile: int = DEFAULT_MAX_TILE,
+    *,
+    n1: int,
+    n2: int,
+    out_dim: int,
+    output: str,
+    symmetric: bool,
+    dtype: str,
+    strategy: str,
+    cost: CostModel,
+    tile: int | None = None,
+    memory_budget: float | None = None,
+    workers: int = 1,
+    flop_rate: float | None = None,
+    max_tile: int = DEFAULT_MAX_TILE,
 ) -> Plan:
     """Size the tiles and predict the figures of one job.
 
@@ -189,11 +221,23 @@ def make_plan(
     else:
         budget = memory_budget if memory_budget is not None else math.inf
         t = largest_tile_within(budget, cost, min(n_max, max_tile), what=what)
-        while t > MIN_TILE and _count(n1, n2, t, symmetric) < MIN_TILES_PER_WORKER * workers:
+        while (
+            t > MIN_TILE
+            and _count(n1, n2, t, symmetric) < MIN_TILES_PER_WORKER * workers
+        ):
             t = max(MIN_TILE, t * 3 // 4)
-    plan = Plan(n1=n1, n2=n2, out_dim=out_dim, output=output, symmetric=symmetric,
-                tile=t, strategy=strategy, dtype=dtype, workers=workers,
-                memory_budget=memory_budget)
+    plan = Plan(
+        n1=n1,
+        n2=n2,
+        out_dim=out_dim,
+        output=output,
+        symmetric=symmetric,
+        tile=t,
+        strategy=strategy,
+        dtype=dtype,
+        workers=workers,
+        memory_budget=memory_budget,
+    )
     tr, tc = plan.tile_rows, plan.tile_cols
     total = sum(cost.tile_flops(*tl.shape) for tl in plan.tiles())
     return dataclasses.replace(

@@ -27,13 +27,19 @@ class AbstractExecutor(abc.ABC):
         """Workers that run tiles at once (for planning)."""
 
     @abc.abstractmethod
-    def run(self, spec: TileSpec, model: Model, params: Any, todo: Sequence[Tile],
-            on_done: OnDone) -> list[tuple[Tile, BaseException]]:
+    def run(
+        self,
+        spec: TileSpec,
+        model: Model,
+        params: Any,
+        todo: Sequence[Tile],
+        on_done: OnDone,
+    ) -> list[tuple[Tile, BaseException]]:
         """Compute ``todo``; call ``on_done`` per finished tile; return failures."""
 
     def __enter__(self) -> AbstractExecutor:
         """Start any resources (a cluster)."""
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        """Release them."""
+    def __exit__(self, *exc: object) -> None:  # noqa: B027
+        """Release them (nothing by default)."""

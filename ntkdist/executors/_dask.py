@@ -26,8 +26,10 @@ RETRIES = 3
 
 def jax_worker_env(x64: bool) -> dict[str, str]:
     """Environment for worker processes, set before JAX starts in them."""
-    env = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false",
-           "JAX_ENABLE_X64": "1" if x64 else "0"}
+    env = {
+        "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
+        "JAX_ENABLE_X64": "1" if x64 else "0",
+    }
     if "JAX_PLATFORMS" in os.environ:
         env["JAX_PLATFORMS"] = os.environ["JAX_PLATFORMS"]
     return env
@@ -85,11 +87,19 @@ class DaskExecutor(AbstractExecutor):
         verbose: print the dashboard address.
     """
 
-    def __init__(self, client: Client | None = None, *, address: str | None = None,
-                 n_workers: int | None = None, x64: bool = True,
-                 window: int | None = None, retries: int = RETRIES,
-                 resources: dict[str, float] | None = None,
-                 stream: TextIO | None = None, verbose: bool = True) -> None:
+    def __init__(
+        self,
+        client: Client | None = None,
+        *,
+        address: str | None = None,
+        n_workers: int | None = None,
+        x64: bool = True,
+        window: int | None = None,
+        retries: int = RETRIES,
+        resources: dict[str, float] | None = None,
+        stream: TextIO | None = None,
+        verbose: bool = True,
+    ) -> None:
         """Configure; the cluster starts on ``__enter__``."""
         self._given = client
         self.address = address
@@ -112,8 +122,12 @@ class DaskExecutor(AbstractExecutor):
             else:
                 self._cluster = LocalCluster(
                     n_workers=self.requested_workers or os.cpu_count() or 1,
-                    threads_per_worker=1, processes=True, dashboard_address=":0",
-                    env=jax_worker_env(self.x64), silence_logs=logging.ERROR)
+                    threads_per_worker=1,
+                    processes=True,
+                    dashboard_address=":0",
+                    env=jax_worker_env(self.x64),
+                    silence_logs=logging.ERROR,
+                )
                 self.client = Client(self._cluster)
             self._own_client = True
         self.client.register_plugin(JaxWorkerPlugin(self.x64))
@@ -140,8 +154,14 @@ class DaskExecutor(AbstractExecutor):
             return self.requested_workers or os.cpu_count() or 1
         return max(1, sum(self.client.nthreads().values()))
 
-    def run(self, spec: TileSpec, model: Model, params: Any, todo: Sequence[Tile],
-            on_done: OnDone) -> list[tuple[Tile, BaseException]]:
+    def run(
+        self,
+        spec: TileSpec,
+        model: Model,
+        params: Any,
+        todo: Sequence[Tile],
+        on_done: OnDone,
+    ) -> list[tuple[Tile, BaseException]]:
         """Submit tiles through a bounded window; record each as it completes."""
         if self.client is None:
             raise RuntimeError("DaskExecutor.run needs `with DaskExecutor(...)`.")
@@ -157,9 +177,16 @@ class DaskExecutor(AbstractExecutor):
         queue = as_completed()
 
         def submit(tile: Tile) -> None:
-            fut = client.submit(run_tile, tile, spec, shared,
-                                key=f"ntk-{fp8}-{tile.i}-{tile.j}", pure=False,
-                                retries=self.retries, resources=self.resources)
+            fut = client.submit(
+                run_tile,
+                tile,
+                spec,
+                shared,
+                key=f"ntk-{fp8}-{tile.i}-{tile.j}",
+                pure=False,
+                retries=self.retries,
+                resources=self.resources,
+            )
             owner[fut.key] = tile
             queue.add(fut)
 

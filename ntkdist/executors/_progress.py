@@ -27,8 +27,14 @@ class Progress:
         True
     """
 
-    def __init__(self, *, done: int, total: int, stream: TextIO | None = None,
-                 enabled: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        done: int,
+        total: int,
+        stream: TextIO | None = None,
+        enabled: bool = True,
+    ) -> None:
         """Start counting from ``done`` of ``total`` tiles."""
         self.done0 = done
         self.done = done
@@ -47,15 +53,18 @@ class Progress:
         left = self.total - self.done
         eta = "--" if rate == 0 else _hms(left / rate)
         pct = 100.0 * self.done / max(1, self.total)
-        return (f"[ntkdist] tiles {self.done}/{self.total} ({pct:.0f}%) | "
-                f"{rate:.2f} tiles/s | elapsed {_hms(elapsed)} | ETA {eta}")
+        return (
+            f"[ntkdist] tiles {self.done}/{self.total} ({pct:.0f}%) | "
+            f"{rate:.2f} tiles/s | elapsed {_hms(elapsed)} | ETA {eta}"
+        )
 
     def advance(self, n: int = 1) -> None:
         """Count ``n`` more finished tiles (markers written)."""
         self.done += n
         now = time.monotonic()
-        if not self.enabled or now - self._last < (REDRAW_EVERY if self._tty
-                                                   else LINE_EVERY):
+        if not self.enabled or now - self._last < (
+            REDRAW_EVERY if self._tty else LINE_EVERY
+        ):
             return
         self._last = now
         self._draw()
@@ -74,6 +83,6 @@ class Progress:
 
 
 def _hms(s: float) -> str:
-    m, sec = divmod(int(round(s)), 60)
+    m, sec = divmod(round(s), 60)
     h, m = divmod(m, 60)
     return f"{h}:{m:02d}:{sec:02d}"

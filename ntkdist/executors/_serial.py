@@ -31,8 +31,14 @@ class SerialExecutor(AbstractExecutor):
         """One."""
         return 1
 
-    def run(self, spec: TileSpec, model: Model, params: Any, todo: Sequence[Tile],
-            on_done: OnDone) -> list[tuple[Tile, BaseException]]:
+    def run(
+        self,
+        spec: TileSpec,
+        model: Model,
+        params: Any,
+        todo: Sequence[Tile],
+        on_done: OnDone,
+    ) -> list[tuple[Tile, BaseException]]:
         """Compute ``todo`` in order; record each tile as it finishes."""
         failures: list[tuple[Tile, BaseException]] = []
         for tile in todo:

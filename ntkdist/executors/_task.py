@@ -63,13 +63,25 @@ class TileSpec:
     fingerprint: str
 
 
-def _factors_impl(strategy: AbstractKernelStrategy, model: Model, output: str,
-                  params: Any, x: jax.Array) -> Any:
+def _factors_impl(
+    strategy: AbstractKernelStrategy,
+    model: Model,
+    output: str,
+    params: Any,
+    x: jax.Array,
+) -> Any:
     return strategy.factors(model, params, x, output)
 
 
-def _contract_impl(strategy: AbstractKernelStrategy, model: Model, output: str,
-                   same: bool, params: Any, f1: Any, f2: Any) -> jax.Array:
+def _contract_impl(
+    strategy: AbstractKernelStrategy,
+    model: Model,
+    output: str,
+    same: bool,
+    params: Any,
+    f1: Any,
+    f2: Any,
+) -> jax.Array:
     k = strategy.contract(model, params, f1, f2, output)
     return symmetrize(k, output) if same else k
 
@@ -94,8 +106,9 @@ def _array(root: str, path: str, mode: str, job: str) -> zarr.Array:
         return _arrays[key]
 
 
-def read_block(src: InputSource, rows: tuple[int, int], size: int,
-               job: str = "") -> np.ndarray:
+def read_block(
+    src: InputSource, rows: tuple[int, int], size: int, job: str = ""
+) -> np.ndarray:
     """Rows ``[start, stop)`` of an input, padded to ``size`` by repeating the last.
 
     Padding rows are real samples, so no model sees inputs it could not
@@ -107,14 +120,28 @@ def read_block(src: InputSource, rows: tuple[int, int], size: int,
     return x
 
 
-def _factors_of(spec: TileSpec, model: Model, params: Any, side: str,
-                src: InputSource, block: int, rows: tuple[int, int], size: int) -> Any:
+def _factors_of(
+    spec: TileSpec,
+    model: Model,
+    params: Any,
+    side: str,
+    src: InputSource,
+    block: int,
+    rows: tuple[int, int],
+    size: int,
+) -> Any:
     key = (spec.fingerprint, side, block)
     with _lock:
         if key in _factor_cache:
             _factor_cache.move_to_end(key)
             return _factor_cache[key]
-    f = _factors(spec.strategy, model, spec.output, params, read_block(src, rows, size, spec.fingerprint))
+    f = _factors(
+        spec.strategy,
+        model,
+        spec.output,
+        params,
+        read_block(src, rows, size, spec.fingerprint),
+    )
     with _lock:
         _factor_cache[key] = f
         while len(_factor_cache) > FACTOR_CACHE_SIZE:
@@ -124,20 +151,24 @@ def _factors_of(spec: TileSpec, model: Model, params: Any, side: str,
 
 def compute_block(tile: Tile, spec: TileSpec, model: Model, params: Any) -> np.ndarray:
     """The kernel block of ``tile`` as a numpy array of the kernel's dtype."""
-    f1 = _factors_of(spec, model, params, "x1", spec.x1, tile.i, tile.rows,
-                     spec.tile_rows)
+    f1 = _factors_of(
+        spec, model, params, "x1", spec.x1, tile.i, tile.rows, spec.tile_rows
+    )
     if tile.kind == "diagonal":
         k = _contract(spec.strategy, model, spec.output, True, params, f1, f1)
     else:
         src, side = (spec.x1, "x1") if spec.x2 is None else (spec.x2, "x2")
-        f2 = _factors_of(spec, model, params, side, src, tile.j, tile.cols,
-                         spec.tile_cols)
+        f2 = _factors_of(
+            spec, model, params, side, src, tile.j, tile.cols, spec.tile_cols
+        )
         k = _contract(spec.strategy, model, spec.output, False, params, f1, f2)
     r, c = tile.shape
     return np.asarray(k)[:r, :c].astype(spec.dtype)
 
 
-def run_tile(tile: Tile, spec: TileSpec, model_params: tuple[Model, Any]) -> tuple[int, int]:
+def run_tile(
+    tile: Tile, spec: TileSpec, model_params: tuple[Model, Any]
+) -> tuple[int, int]:
     """Compute one tile and write it (and its mirror); return the checksums.
 
     Idempotent: run twice, it writes the same bytes, so retries are safe.

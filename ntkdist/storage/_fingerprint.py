@@ -13,8 +13,17 @@ from .._errors import InputError, ResumeMismatchError
 from .._model import Model
 
 # Fields, in the order messages list them. Each maps to a short hash.
-FIELDS = ("model", "params", "x1", "x2", "output", "strategy", "dtype", "tile",
-          "versions")
+FIELDS = (
+    "model",
+    "params",
+    "x1",
+    "x2",
+    "output",
+    "strategy",
+    "dtype",
+    "tile",
+    "versions",
+)
 # Input rows hashed (and checked) per read: bounds the coordinator's memory.
 HASH_BLOCK_BYTES = 64 * 2**20
 
@@ -79,9 +88,11 @@ def array_digest(x: Any, name: str, *, check_finite: bool = True) -> str:
         if hasattr(block, "compute"):
             block = block.compute()
         block = np.ascontiguousarray(np.asarray(block, dtype=dtype))
-        if check_finite and np.issubdtype(dtype, np.floating) and not np.isfinite(
-            block
-        ).all():
+        if (
+            check_finite
+            and np.issubdtype(dtype, np.floating)
+            and not np.isfinite(block).all()
+        ):
             raise InputError(
                 f"{name} holds NaN or inf (in rows {start}..{start + len(block) - 1}); "
                 "the kernel rows of those samples would be NaN. Clean the data "
@@ -110,7 +121,9 @@ def check_same_job(stored: dict[str, str], new: dict[str, str], where: str) -> N
     """
     names = [k for k in FIELDS if k in stored or k in new]
     names += sorted(set(stored) | set(new) - set(names))
-    diff = {k: (stored.get(k), new.get(k)) for k in names if stored.get(k) != new.get(k)}
+    diff = {
+        k: (stored.get(k), new.get(k)) for k in names if stored.get(k) != new.get(k)
+    }
     if diff:
         listed = ", ".join(f"{k} (stored {a}, now {b})" for k, (a, b) in diff.items())
         raise ResumeMismatchError(

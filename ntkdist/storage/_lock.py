@@ -54,8 +54,13 @@ class StoreLock:
         True
     """
 
-    def __init__(self, store_path: str, *, stale_seconds: float = STALE_SECONDS,
-                 heartbeat_seconds: float = HEARTBEAT_SECONDS) -> None:
+    def __init__(
+        self,
+        store_path: str,
+        *,
+        stale_seconds: float = STALE_SECONDS,
+        heartbeat_seconds: float = HEARTBEAT_SECONDS,
+    ) -> None:
         """Prepare (not take) the lock of the store at ``store_path``."""
         self.path = lock_path(store_path)
         self.stale_seconds = stale_seconds
@@ -65,8 +70,12 @@ class StoreLock:
         self._token = f"{socket.gethostname()}:{os.getpid()}:{time.time_ns()}"
 
     def _record(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "host": socket.gethostname(),
-                "token": self._token, "heartbeat": time.time()}
+        return {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "token": self._token,
+            "heartbeat": time.time(),
+        }
 
     def _read(self) -> dict[str, Any] | None:
         try:
@@ -105,16 +114,22 @@ class StoreLock:
                 continue
             with os.fdopen(fd, "w") as f:
                 json.dump(self._record(), f)
-            self._thread = threading.Thread(target=self._beat, daemon=True,
-                                            name="ntkdist-lock-heartbeat")
+            self._thread = threading.Thread(
+                target=self._beat, daemon=True, name="ntkdist-lock-heartbeat"
+            )
             self._thread.start()
             return
         raise self._locked_error(self._read())
 
     def _locked_error(self, rec: dict[str, Any] | None) -> StoreLockedError:
-        who = "an unknown job" if rec is None else (
-            f"pid {rec.get('pid')} on host {rec.get('host')}, last heartbeat "
-            f"{time.time() - float(rec.get('heartbeat', 0)):.0f} s ago")
+        who = (
+            "an unknown job"
+            if rec is None
+            else (
+                f"pid {rec.get('pid')} on host {rec.get('host')}, last heartbeat "
+                f"{time.time() - float(rec.get('heartbeat', 0)):.0f} s ago"
+            )
+        )
         return StoreLockedError(
             f"the store is being written by another job ({who}); lock file "
             f"{self.path}. Wait for that job to finish. If it is dead on another "
@@ -148,7 +163,11 @@ class StoreLock:
         self.acquire()
         return self
 
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        et: type[BaseException] | None,
+        ev: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         """Release."""
         self.release()

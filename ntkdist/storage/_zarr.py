@@ -60,8 +60,9 @@ def mirror_block(block: np.ndarray, output: str) -> np.ndarray:
     return np.ascontiguousarray(block.transpose(axes))
 
 
-def write_tile(kernel: zarr.Array, tile: Tile, block: np.ndarray,
-               output: str) -> tuple[int, int]:
+def write_tile(
+    kernel: zarr.Array, tile: Tile, block: np.ndarray, output: str
+) -> tuple[int, int]:
     """Write one tile (and its mirror) into ``kernel``; return their checksums.
 
     The second checksum is 0 unless the tile is a symmetric job's ``mirror``
@@ -78,8 +79,9 @@ def write_tile(kernel: zarr.Array, tile: Tile, block: np.ndarray,
 
 
 def _local(path: str) -> str:
-    return os.path.abspath(os.path.expanduser(path[7:] if path.startswith("file://")
-                                              else path))
+    return os.path.abspath(
+        os.path.expanduser(path[7:] if path.startswith("file://") else path)
+    )
 
 
 def store_state(path: str) -> StoreState:
@@ -117,7 +119,8 @@ class KernelStore:
         >>> p = Plan(n1=3, n2=3, out_dim=1, output="trace", symmetric=True, tile=2,
         ...          strategy="jacobian", dtype="float64")
         >>> path = os.path.join(tempfile.mkdtemp(), "k.zarr")
-        >>> s = KernelStore.create(path, plan=p, spec={"fields": {}, "fingerprint": "x"})
+        >>> spec = {"fields": {}, "fingerprint": "x"}
+        >>> s = KernelStore.create(path, plan=p, spec=spec)
         >>> s.progress(), s.kernel.shape
         ((0, 3), (3, 3))
     """
@@ -133,8 +136,14 @@ class KernelStore:
     # -- creating and opening -------------------------------------------------
 
     @classmethod
-    def create(cls, path: str, *, plan: Plan, spec: dict[str, Any],
-               inputs: dict[str, Any] | None = None) -> KernelStore:
+    def create(
+        cls,
+        path: str,
+        *,
+        plan: Plan,
+        spec: dict[str, Any],
+        inputs: dict[str, Any] | None = None,
+    ) -> KernelStore:
         """Create the store's arrays and attributes (the coordinator, before work).
 
         Args:
@@ -152,18 +161,27 @@ class KernelStore:
         if state == "creating":
             remove_store(path)
         elif state not in ("absent", "empty"):
-            raise StoreError(f"refusing to create a store at {path}: it holds {state} data.")
+            raise StoreError(
+                f"refusing to create a store at {path}: it holds {state} data."
+            )
         try:
             group = zarr.open_group(store=path, mode="w", attributes={CREATING: True})
             out_shape = _kernel_shape(plan)
             chunks = (plan.tile_rows, plan.tile_cols, *out_shape[2:])
-            group.create_array("kernel", shape=out_shape, chunks=chunks,
-                               dtype=plan.dtype, fill_value=np.nan)
-            group.create_array("done", shape=plan.grid, chunks=(1, 1), dtype="uint64",
-                               fill_value=0)
+            group.create_array(
+                "kernel",
+                shape=out_shape,
+                chunks=chunks,
+                dtype=plan.dtype,
+                fill_value=np.nan,
+            )
+            group.create_array(
+                "done", shape=plan.grid, chunks=(1, 1), dtype="uint64", fill_value=0
+            )
             for name, x in (inputs or {}).items():
-                _copy_input(group, name, x, plan.tile_rows if name == "x1"
-                            else plan.tile_cols)
+                _copy_input(
+                    group, name, x, plan.tile_rows if name == "x1" else plan.tile_cols
+                )
             full = {"format": FORMAT, **spec, "plan": json_plan(plan)}
             group.attrs.put({ATTR: full})
         except PermissionError as err:
@@ -190,9 +208,12 @@ class KernelStore:
         path = os.fspath(path)
         state = store_state(path)
         if state != "ntkdist":
-            what = {"absent": "nothing", "empty": "an empty directory",
-                    "creating": "a store whose creation did not finish",
-                    "other": "something that is not an ntkdist kernel store"}[state]
+            what = {
+                "absent": "nothing",
+                "empty": "an empty directory",
+                "creating": "a store whose creation did not finish",
+                "other": "something that is not an ntkdist kernel store",
+            }[state]
             raise StoreError(
                 f"cannot open {path} as a kernel store: it holds {what}. Pass the "
                 "path given as store= to ntkdist.compute (CLI: --out)."
@@ -285,8 +306,10 @@ class KernelStore:
     def __repr__(self) -> str:
         """Short description with progress."""
         done, total = self.progress()
-        return (f"KernelStore({self.path!r}, output={self.output!r}, "
-                f"shape={self.kernel.shape}, tiles {done}/{total})")
+        return (
+            f"KernelStore({self.path!r}, output={self.output!r}, "
+            f"shape={self.kernel.shape}, tiles {done}/{total})"
+        )
 
     # -- the coordinator's writes ---------------------------------------------
 
@@ -332,8 +355,10 @@ class KernelStore:
             pairs = [(t.i, t.j)] + ([(t.j, t.i)] if t.kind == "mirror" else [])
             for bi, bj in pairs:
                 self.done[bi, bj] = np.uint64(0)
-                keys.append(f"{kernel.path}/" + kernel.metadata.encode_chunk_key(
-                    (bi, bj, *tail)))
+                keys.append(
+                    f"{kernel.path}/"
+                    + kernel.metadata.encode_chunk_key((bi, bj, *tail))
+                )
         store = self._group.store
         for key in keys:
             sync(store.delete(key))
@@ -349,13 +374,18 @@ def json_plan(plan: Plan) -> dict[str, Any]:
 def _kernel_shape(plan: Plan) -> tuple[int, ...]:
     o = plan.out_dim
     return {"full": (plan.n1, plan.n2, o, o), "diagonal": (plan.n1, plan.n2, o)}.get(
-        plan.output, (plan.n1, plan.n2))
+        plan.output, (plan.n1, plan.n2)
+    )
 
 
 def _copy_input(group: zarr.Group, name: str, x: Any, rows: int) -> None:
     shape = tuple(int(s) for s in x.shape)
-    arr = group.create_array(f"inputs/{name}", shape=shape,
-                             chunks=(rows, *shape[1:]), dtype=np.dtype(x.dtype))
+    arr = group.create_array(
+        f"inputs/{name}",
+        shape=shape,
+        chunks=(rows, *shape[1:]),
+        dtype=np.dtype(x.dtype),
+    )
     for start in range(0, shape[0], rows):
         block = x[start : start + rows]
         if hasattr(block, "compute"):
