@@ -76,11 +76,13 @@ def ntk(
     _inputs.check_output(output)
     _inputs.check_strategy(strategy)
     _inputs.check_params(params, check_finite=check_finite)
-    x1 = _inputs.as_inputs(x1, "x1", integer_inputs=integer_inputs,
-                           check_finite=check_finite)
+    x1 = _inputs.as_inputs(
+        x1, "x1", integer_inputs=integer_inputs, check_finite=check_finite
+    )
     if x2 is not None:
-        x2 = _inputs.as_inputs(x2, "x2", integer_inputs=integer_inputs,
-                               check_finite=check_finite)
+        x2 = _inputs.as_inputs(
+            x2, "x2", integer_inputs=integer_inputs, check_finite=check_finite
+        )
     _inputs.check_pair(x1, x2)
     model = as_model(apply_fn)
     _inputs.check_model(model, params, x1, independence=check_independence)

@@ -21,7 +21,7 @@ class ModelError(InputError):
 
 
 class PlanError(NtkdistError, ValueError):
-    """No tile plan satisfies the request (for example the memory budget is too small)."""
+    """No tile plan satisfies the request (for example too small a memory budget)."""
 
 
 class StoreError(NtkdistError, OSError):

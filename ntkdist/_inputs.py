@@ -61,8 +61,9 @@ def check_params(params: Any, *, check_finite: bool = True) -> None:
             )
 
 
-def as_inputs(x: Any, name: str, *, integer_inputs: bool = False,
-              check_finite: bool = True) -> jax.Array | np.ndarray:
+def as_inputs(
+    x: Any, name: str, *, integer_inputs: bool = False, check_finite: bool = True
+) -> jax.Array | np.ndarray:
     """Check one input array: ``[n, *features]`` with ``n >= 1``, real floating."""
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
         x = np.asarray(x)
@@ -72,10 +73,14 @@ def as_inputs(x: Any, name: str, *, integer_inputs: bool = False,
             "leading sample axis. Wrap a single sample as x[None]."
         )
     if x.shape[0] == 0:
-        raise InputError(f"{name} is empty (shape {tuple(x.shape)}); pass at least one sample.")
+        raise InputError(
+            f"{name} is empty (shape {tuple(x.shape)}); pass at least one sample."
+        )
     dtype = np.dtype(x.dtype)
     if np.issubdtype(dtype, np.complexfloating):
-        raise InputError(f"{name} has complex dtype {dtype}; ntkdist computes real NTKs only.")
+        raise InputError(
+            f"{name} has complex dtype {dtype}; ntkdist computes real NTKs only."
+        )
     if not np.issubdtype(dtype, np.floating) and not (
         integer_inputs and np.issubdtype(dtype, np.integer)
     ):
@@ -84,8 +89,10 @@ def as_inputs(x: Any, name: str, *, integer_inputs: bool = False,
             f"(for example {name}.astype('float32')), or pass integer_inputs=True if "
             "the model takes integer ids (token or class indices)."
         )
-    if check_finite and np.issubdtype(dtype, np.floating) and not bool(
-        jnp.all(jnp.isfinite(jnp.asarray(x)))
+    if (
+        check_finite
+        and np.issubdtype(dtype, np.floating)
+        and not bool(jnp.all(jnp.isfinite(jnp.asarray(x))))
     ):
         raise InputError(
             f"{name} holds NaN or inf; the kernel rows of those samples would be NaN. "
@@ -117,14 +124,18 @@ def check_model(model: Model, params: Any, x: Any, *, independence: bool = True)
         ) from err
     shape = getattr(out, "shape", None)
     if shape is None or len(shape) < 1 or shape[0] != 2:
-        got = f"shape {tuple(shape)}" if shape is not None else f"a {type(out).__name__}"
+        got = (
+            f"shape {tuple(shape)}" if shape is not None else f"a {type(out).__name__}"
+        )
         raise ModelError(
             f"apply_fn(params, x) returned {got} for a batch of 2 samples; expected "
             "an array [n, O] (or [n]) with the sample axis first. If the model "
             "returns a tuple or dict, wrap it: lambda p, x: model(p, x)['logits']."
         )
     if not jnp.issubdtype(out.dtype, jnp.floating):
-        raise ModelError(f"apply_fn returned dtype {out.dtype}; expected floating point.")
+        raise ModelError(
+            f"apply_fn returned dtype {out.dtype}; expected floating point."
+        )
     if independence and x.shape[0] >= 2:
         _check_independent(model, params, x)
     return int(np.prod(shape[1:], dtype=np.int64))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -10,10 +11,8 @@ import jax
 import pytest
 
 jax.config.update("jax_enable_x64", True)
-try:
+with contextlib.suppress(AttributeError, RuntimeError):  # backend already started
     jax.config.update("jax_num_cpu_devices", 2)
-except (AttributeError, RuntimeError):  # backend already initialised by a plugin
-    pass
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -109,25 +109,40 @@ class AbstractKernelStrategy(abc.ABC):
         """Predicted work of one ``n1 × n2`` tile (``x`` gives the feature shape)."""
 
     def tile(
-        self, model: Model, params: Any, x1: jax.Array, x2: jax.Array | None,
+        self,
+        model: Model,
+        params: Any,
+        x1: jax.Array,
+        x2: jax.Array | None,
         output: str,
     ) -> jax.Array:
-        """The kernel between ``x1`` and ``x2`` (``None``: ``x1``, symmetric)."""
-        return _tile(self, model, output, params, x1, x2)
+        """The kernel between ``x1`` and ``x2`` (``None``: ``x1``, symmetric).
+
+        The symmetric case is made exactly symmetric in a separate step: inside
+        one XLA program the compiler may recompute a reduction in another order
+        for the transposed copy, and then ``(k + kᵀ) / 2`` is not exact.
+        """
+        k = _tile(self, model, output, params, x1, x2)
+        return k if x2 is not None else _symmetrize(k, output)
 
 
 def _tile_impl(
-    strategy: AbstractKernelStrategy, model: Model, output: str, params: Any,
-    x1: jax.Array, x2: jax.Array | None,
+    strategy: AbstractKernelStrategy,
+    model: Model,
+    output: str,
+    params: Any,
+    x1: jax.Array,
+    x2: jax.Array | None,
 ) -> jax.Array:
     f1 = strategy.factors(model, params, x1, output)
     if x2 is None:
-        return symmetrize(strategy.contract(model, params, f1, f1, output), output)
+        return strategy.contract(model, params, f1, f1, output)
     f2 = strategy.factors(model, params, x2, output)
     return strategy.contract(model, params, f1, f2, output)
 
 
 _tile = jax.jit(_tile_impl, static_argnums=(0, 1, 2))
+_symmetrize = jax.jit(symmetrize, static_argnums=(1,))
 
 
 def param_count(params: Any) -> int:

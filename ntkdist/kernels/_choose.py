@@ -41,7 +41,12 @@ def _fmt_bytes(n: float) -> str:
 
 
 def choose(
-    model: Model, params: Any, x: jax.Array, n1: int, n2: int, output: str,
+    model: Model,
+    params: Any,
+    x: jax.Array,
+    n1: int,
+    n2: int,
+    output: str,
     memory_budget: float | None = None,
 ) -> tuple[AbstractKernelStrategy, dict[str, Cost]]:
     """Pick the strategy with the fewest predicted FLOPs among those that fit.
@@ -58,7 +63,9 @@ def choose(
         for name, cls in STRATEGIES.items()
     }
     fitting = {
-        k: c for k, c in costs.items() if memory_budget is None or c.bytes <= memory_budget
+        k: c
+        for k, c in costs.items()
+        if memory_budget is None or c.bytes <= memory_budget
     }
     if not fitting:
         need = min(costs.values(), key=lambda c: c.bytes).bytes

@@ -79,14 +79,21 @@ def _layout(use: _walk.Use) -> _Layout:
         af = [d for d in range(len(use.act_shape)) if d not in ac + ab]
         wf = [d for d in range(len(use.weight_shape)) if d not in wc + wb]
         sig = ("dot", use.chain, use.weight_shape, tuple(sorted(wc)), tuple(sorted(wb)))
-        return _Layout(sig, size(use.weight_shape, wb), size(use.act_shape, af),
-                       size(use.weight_shape, wc), size(use.weight_shape, wf))
+        return _Layout(
+            sig,
+            size(use.weight_shape, wb),
+            size(use.act_shape, af),
+            size(use.weight_shape, wc),
+            size(use.weight_shape, wf),
+        )
     dn = use.params["dimension_numbers"]
     lhs_spec, rhs_spec, out_spec = dn.lhs_spec, dn.rhs_spec, dn.out_spec
     t = math.prod(use.out_shape[d] for d in (out_spec[0], *out_spec[2:]))
     c = math.prod(use.weight_shape[d] for d in rhs_spec[1:])
     f = use.weight_shape[rhs_spec[0]]
-    grouped = use.params["feature_group_count"] != 1 or use.params["batch_group_count"] != 1
+    grouped = (
+        use.params["feature_group_count"] != 1 or use.params["batch_group_count"] != 1
+    )
     sig = None if grouped else ("conv", use.chain, use.weight_shape, tuple(rhs_spec))
     del lhs_spec
     return _Layout(sig, 1, t, c, f)
@@ -105,8 +112,14 @@ def _canon_act(use: _walk.Use, act: jax.Array) -> jax.Array:
     dn = p["dimension_numbers"]
     filt = [use.weight_shape[d] for d in dn.rhs_spec[2:]]
     patches = lax.conv_general_dilated_patches(
-        act, filt, p["window_strides"], p["padding"], p["lhs_dilation"],
-        p["rhs_dilation"], dn, precision=p["precision"],
+        act,
+        filt,
+        p["window_strides"],
+        p["padding"],
+        p["lhs_dilation"],
+        p["rhs_dilation"],
+        dn,
+        precision=p["precision"],
     )
     out_spec = dn.out_spec
     c = patches.shape[out_spec[1]]
@@ -118,15 +131,21 @@ def _canon_delta(use: _walk.Use, delta: jax.Array) -> jax.Array:
     o = delta.shape[0]
     lay = _layout(use)
     if use.primitive == "dot_general":
-        wc, ac, wb, ab = _dot_axes(use)
+        wc, ac, wb, _ = _dot_axes(use)
         nb = len(wb)
         order = sorted(range(nb), key=lambda k: wb[k])
         n_af = len(use.act_shape) - len(ac) - nb
         n_wf = len(use.weight_shape) - len(wc) - nb
-        af = list(range(nb, nb + n_af)) if use.weight_pos == 1 else list(
-            range(nb + n_wf, nb + n_wf + n_af))
-        wf = list(range(nb + n_af, nb + n_af + n_wf)) if use.weight_pos == 1 else list(
-            range(nb, nb + n_wf))
+        af = (
+            list(range(nb, nb + n_af))
+            if use.weight_pos == 1
+            else list(range(nb + n_wf, nb + n_wf + n_af))
+        )
+        wf = (
+            list(range(nb + n_af, nb + n_af + n_wf))
+            if use.weight_pos == 1
+            else list(range(nb, nb + n_wf))
+        )
         perm = [0] + [1 + d for d in (*order, *af, *wf)]
         return delta.transpose(perm).reshape(o, lay.b, lay.t, lay.f)
     out_spec = use.params["dimension_numbers"].out_spec
@@ -136,6 +155,7 @@ def _canon_delta(use: _walk.Use, delta: jax.Array) -> jax.Array:
 
 def _weight_rows(use: _walk.Use, act: jax.Array, delta: jax.Array) -> jax.Array:
     """One sample's gradient of the weight for each cotangent: ``[o, P]``."""
+
     def fwd(w: jax.Array) -> jax.Array:
         ops = (w, act) if use.weight_pos == 0 else (act, w)
         return use.bind(*ops)
@@ -159,17 +179,19 @@ def _pairs(output: str, o: int) -> int:
     return {"full": o * o, "pntk": 1}.get(output, o)
 
 
-def _group_costs(uses: Sequence[_walk.Use], output: str, o: int,
-                 nominal: int) -> tuple[float | None, float]:
+def _group_costs(
+    uses: Sequence[_walk.Use], output: str, o: int, nominal: int
+) -> tuple[float | None, float]:
     """Per-pair FLOPs of the gram rule (None if impossible) and of the rows rule."""
     lays = [_layout(u) for u in uses]
     rows_o = 1 if output == "pntk" else o
     p = math.prod(uses[0].weight_shape)
     build = sum(2.0 * rows_o * lay.b * lay.t * lay.c * lay.f for lay in lays)
     rows = 2.0 * _pairs(output, o) * p + 2 * build / nominal
-    if any(lay.signature is None for lay in lays) or len(
-        {lay.signature for lay in lays}
-    ) != 1:
+    if (
+        any(lay.signature is None for lay in lays)
+        or len({lay.signature for lay in lays}) != 1
+    ):
         return None, rows
     b, c, f = lays[0].b, lays[0].c, lays[0].f
     t = sum(lay.t for lay in lays)
@@ -217,7 +239,8 @@ class StructuredDerivatives(AbstractKernelStrategy):
                 continue  # the same leaf reached through different chains
             gram, rows = _group_costs(uses, output, o, self.nominal_tile)
             use_gram = gram is not None and (
-                self.mode == "gram" or (self.mode == "auto" and gram <= rows))
+                self.mode == "gram" or (self.mode == "auto" and gram <= rows)
+            )
             groups.append(_Group(leaf, tuple(uses), use_gram))
         covered = {g.leaf for g in groups}
         fallback = [k for k in range(an.n_leaves) if k not in covered]
@@ -266,7 +289,7 @@ class StructuredDerivatives(AbstractKernelStrategy):
         self, model: Model, params: Any, x: jax.Array, n1: int, n2: int, output: str
     ) -> Cost:
         """Factor passes plus contraction FLOPs; bytes of both tiles' factors."""
-        from ._base import forward_flops  # noqa: PLC0415
+        from ._base import forward_flops
 
         an = analysis_for(model, params, x)
         groups, fb = self.groups(model, params, x, output)
@@ -278,7 +301,7 @@ class StructuredDerivatives(AbstractKernelStrategy):
         factor_items = 0.0
         p_rows = sum(math.prod(jnp.shape(leaves[k])) for k in fb)
         for g in groups:
-            gram, rows = _group_costs(g.uses, output, o, self.nominal_tile)
+            gram, _ = _group_costs(g.uses, output, o, self.nominal_tile)
             lays = [_layout(u) for u in g.uses]
             if g.gram:
                 flops += n1 * n2 * float(gram or 0.0)
@@ -286,34 +309,44 @@ class StructuredDerivatives(AbstractKernelStrategy):
                 factor_items += lays[0].b * t * (lays[0].c + rows_o * lays[0].f)
             else:
                 flops += (n1 + n2) * sum(
-                    2.0 * rows_o * la.b * la.t * la.c * la.f for la in lays)
+                    2.0 * rows_o * la.b * la.t * la.c * la.f for la in lays
+                )
                 p_rows += math.prod(g.uses[0].weight_shape)
         flops += 2.0 * n1 * n2 * _pairs(output, o) * p_rows
         factor_items += rows_o * p_rows
         item = jnp.result_type(*leaves, x).itemsize
         out_items = n1 * n2 * {"full": o * o, "diagonal": o}.get(output, 1)
-        return Cost(flops=float(flops),
-                    bytes=float(item * ((n1 + n2) * factor_items + out_items)))
+        return Cost(
+            flops=float(flops),
+            bytes=float(item * ((n1 + n2) * factor_items + out_items)),
+        )
 
 
 def _sample_factors(
-    groups: Sequence[_Group], acts: dict[int, jax.Array], scales: dict[int, Any],
-    deltas: dict[int, jax.Array], dfb: Sequence[jax.Array],
+    groups: Sequence[_Group],
+    acts: dict[int, jax.Array],
+    scales: dict[int, Any],
+    deltas: dict[int, jax.Array],
+    dfb: Sequence[jax.Array],
 ) -> tuple[list[tuple[jax.Array, jax.Array]], jax.Array | None]:
     grams = []
     rows = []
     for g in groups:
         if g.gram:
-            a = [_scale(_canon_act(u, acts[u.index]), scales[u.index])
-                 for u in g.uses]
+            a = [_scale(_canon_act(u, acts[u.index]), scales[u.index]) for u in g.uses]
             d = [_canon_delta(u, deltas[u.index]) for u in g.uses]
             grams.append((jnp.concatenate(a, axis=1), jnp.concatenate(d, axis=2)))
         else:
-            r = [_scale(_weight_rows(u, acts[u.index], deltas[u.index]),
-                        scales[u.index]) for u in g.uses]
+            r = [
+                _scale(_weight_rows(u, acts[u.index], deltas[u.index]), scales[u.index])
+                for u in g.uses
+            ]
             rows.append(sum(r[1:], r[0]))
-    o = next(iter(deltas.values())).shape[0] if deltas else (
-        dfb[0].shape[0] if dfb else 1)
+    o = (
+        next(iter(deltas.values())).shape[0]
+        if deltas
+        else (dfb[0].shape[0] if dfb else 1)
+    )
     rows.extend(v.reshape(o, -1) for v in dfb)
     return grams, (jnp.concatenate(rows, axis=1) if rows else None)
 

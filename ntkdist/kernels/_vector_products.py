@@ -70,6 +70,7 @@ class NtkVectorProducts(AbstractKernelStrategy):
         p = param_count(params)
         return Cost(
             flops=n2 * rows * (3 * fp + n1 * 2 * fp),
-            bytes=float(item * (self.column_batch * rows * (p + 4 * n1 * o)
-                                + n1 * n2 * o * o)),
+            bytes=float(
+                item * (self.column_batch * rows * (p + 4 * n1 * o) + n1 * n2 * o * o)
+            ),
         )

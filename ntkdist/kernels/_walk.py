@@ -148,8 +148,9 @@ class _Walk:
 
         for eqn in jaxpr.eqns:
             ins = [read(v) for v in eqn.invars]
-            outs = self._eqn(eqn, [i[0] for i in ins], [i[1] for i in ins],
-                             [i[2] for i in ins])
+            outs = self._eqn(
+                eqn, [i[0] for i in ins], [i[1] for i in ins], [i[2] for i in ins]
+            )
             for v, o in zip(eqn.outvars, outs, strict=True):
                 if not isinstance(v, jcore.DropVar):
                     env[v] = o
@@ -175,7 +176,7 @@ class _Walk:
                 return [scaled]
         if name in ("dot_general", "conv_general_dilated") and len(chains) == 1:
             w = chains[0]
-            if tags[1 - w].data and not (name == "conv_general_dilated" and w == 0):
+            if not (name == "conv_general_dilated" and w == 0):
                 return [self._use(eqn, vals, tags, scales, w)]
         if name in _CALLS:
             sub = eqn.params[_CALLS[name]]
@@ -246,13 +247,25 @@ class _Walk:
         self, eqn: Any, vals: list[Any], tags: list[Tag], scales: list[Any]
     ) -> list[tuple[Any, Tag, Any]]:
         p = eqn.params
-        nc, ncarry = len(p["ft_in"][0]), len(p["ft_in"][1])
+        nc, ncarry, _ = (len(group) for group in p["ft_in"].unpack())
         closed = p["jaxpr"]
         consts = list(zip(vals[:nc], tags[:nc], scales[:nc], strict=True))
-        carry = list(zip(vals[nc : nc + ncarry], tags[nc : nc + ncarry],
-                         scales[nc : nc + ncarry], strict=True))
-        xs = list(zip(vals[nc + ncarry :], tags[nc + ncarry :],
-                      scales[nc + ncarry :], strict=True))
+        carry = list(
+            zip(
+                vals[nc : nc + ncarry],
+                tags[nc : nc + ncarry],
+                scales[nc : nc + ncarry],
+                strict=True,
+            )
+        )
+        xs = list(
+            zip(
+                vals[nc + ncarry :],
+                tags[nc + ncarry :],
+                scales[nc + ncarry :],
+                strict=True,
+            )
+        )
         # Chain values that travel through the carry or the scanned axis are
         # sliced or updated: no rule, so their leaves use explicit Jacobians.
         for _, t, _ in carry + xs:
@@ -265,14 +278,19 @@ class _Walk:
             xs_i = [(v[i], _plain(t), None) for v, t, _ in xs]
             args = consts + carry + xs_i
             outs, otags, _ = self.eval(
-                closed.jaxpr, closed.consts, [a[0] for a in args],
-                [a[1] for a in args], [a[2] for a in args],
+                closed.jaxpr,
+                closed.consts,
+                [a[0] for a in args],
+                [a[1] for a in args],
+                [a[2] for a in args],
             )
             for t in otags:
                 if t.chain is not None:
                     self.fallback.add(t.chain[0])
-            carry = [(o, _plain(t), None) for o, t in
-                     zip(outs[:ncarry], otags[:ncarry], strict=True)]
+            carry = [
+                (o, _plain(t), None)
+                for o, t in zip(outs[:ncarry], otags[:ncarry], strict=True)
+            ]
             ys_steps.append(list(zip(outs[ncarry:], otags[ncarry:], strict=True)))
         if p["reverse"]:
             ys_steps.reverse()
@@ -282,8 +300,7 @@ class _Walk:
             parts = [step[k][0] for step in ys_steps]
             data = any(step[k][1].data for step in ys_steps)
             aval = eqn.outvars[ncarry + k].aval
-            stacked = (jnp.stack(parts) if parts
-                       else jnp.zeros(aval.shape, aval.dtype))
+            stacked = jnp.stack(parts) if parts else jnp.zeros(aval.shape, aval.dtype)
             ys.append((stacked, DATA if data else CONST, None))
         return carry + ys
 
@@ -316,8 +333,10 @@ def _bind(eqn: Any, vals: Sequence[Any]) -> list[Any]:
 
 
 def _per_sample_jaxpr(
-    fn: Callable[[Any, jax.Array], jax.Array], leaves_avals: Sequence[Any],
-    treedef: Any, x_aval: Any
+    fn: Callable[[Any, jax.Array], jax.Array],
+    leaves_avals: Sequence[Any],
+    treedef: Any,
+    x_aval: Any,
 ) -> jcore.ClosedJaxpr:
     def g(leaves: list[jax.Array], x: jax.Array) -> jax.Array:
         return fn(jax.tree_util.tree_unflatten(treedef, leaves), x)
@@ -348,8 +367,9 @@ def analyse(
 
     def abstract(leaves: list[jax.Array], x: jax.Array) -> list[Any]:
         tags = [Tag(chain=(k, ())) for k in range(len(leaves))] + [DATA]
-        outs, _, _ = walk.eval(closed.jaxpr, closed.consts, [*leaves, x], tags,
-                               [None] * (len(leaves) + 1))
+        outs, _, _ = walk.eval(
+            closed.jaxpr, closed.consts, [*leaves, x], tags, [None] * (len(leaves) + 1)
+        )
         return outs
 
     jax.eval_shape(abstract, avals, x_one)
@@ -372,8 +392,13 @@ def run(
     walk = _Walk(probes=probes, active=active)
     n = len(leaves)
     tags = [Tag(chain=(k, ())) for k in range(n)] + [DATA]
-    outs, _, _ = walk.eval(analysis.jaxpr.jaxpr, analysis.jaxpr.consts,
-                           [*leaves, x_one], tags, [None] * (n + 1))
+    outs, _, _ = walk.eval(
+        analysis.jaxpr.jaxpr,
+        analysis.jaxpr.consts,
+        [*leaves, x_one],
+        tags,
+        [None] * (n + 1),
+    )
     (out,) = outs
     return out, walk.acts, walk.scales
 
