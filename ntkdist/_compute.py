@@ -366,7 +366,7 @@ def compute(
         tile=tile,
         memory_budget=memory_budget,
         workers=runner.n_workers,
-        probe=stored is None,
+        probe=False,
     )
     fields = {
         **job.fields,
@@ -638,6 +638,7 @@ def _spec_of(
         tile_cols=p.tile_cols,
         dtype=p.dtype,
         fingerprint=kstore.fingerprint,
+        model_key=kstore.fields.get("model", ""),
     )
 
 

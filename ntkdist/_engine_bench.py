@@ -50,6 +50,23 @@ def make_mlp(d: int, width: int, out: int, depth: int = 2, seed: int = 0) -> Any
     return apply_fn, params
 
 
+def calibrate_tile(model: Any, p: Any, d: int, output: str, seconds: float) -> int:
+    """A tile side whose structured tile takes about ``seconds`` here."""
+    from .kernels import get  # noqa: PLC0415
+
+    strategy, tile = get("structured"), 64
+    rng = np.random.default_rng(0)
+    while True:
+        xa = jnp.asarray(rng.normal(size=(tile, d)))
+        strategy.tile(model, p, xa, xa[::-1], output).block_until_ready()
+        t0 = time.perf_counter()
+        strategy.tile(model, p, xa, xa[::-1], output).block_until_ready()
+        dt = time.perf_counter() - t0
+        if dt > 0.7 * seconds or tile >= 2048:
+            return tile
+        tile = int(tile * min(2.0, max(1.1, (seconds / dt) ** 0.5)))
+
+
 def _cluster(n_workers: int) -> Any:
     from distributed import Client, LocalCluster  # noqa: PLC0415
 
@@ -74,19 +91,9 @@ def bench_overhead(tmp: str, quick: bool) -> dict[str, float]:
     f, p = make_mlp(d=32, width=256, out=10)
     strategy = get("structured")
     model = ntkdist.Model(f)
-    grid = 2 if quick else 3
-    tile = 64
+    grid = 2 if quick else 4
+    tile = calibrate_tile(model, p, 32, "full", 1.0)
     rng = np.random.default_rng(0)
-    # Grow the tile until one takes about a second here.
-    while True:
-        xa = jnp.asarray(rng.normal(size=(tile, 32)))
-        strategy.tile(model, p, xa, xa[::-1], "full").block_until_ready()
-        t0 = time.perf_counter()
-        strategy.tile(model, p, xa, xa[::-1], "full").block_until_ready()
-        dt = time.perf_counter() - t0
-        if dt > 0.7 or tile >= 2048:
-            break
-        tile = int(tile * min(2.0, max(1.1, (1.0 / dt) ** 0.5)))
     n = grid * tile
     x1, x2 = rng.normal(size=(n, 32)), rng.normal(size=(n, 32))
     plan = ntkdist.plan(f, p, x1, x2, output="full", strategy="structured", tile=tile)
@@ -143,14 +150,29 @@ def bench_overhead(tmp: str, quick: bool) -> dict[str, float]:
     try:
         # Warm the worker (imports, compilation) on a throwaway store.
         ntkdist.compute(
-            f, p, x1[: 2 * tile], x2[: 2 * tile], store=os.path.join(tmp, "warm.zarr"),
-            output="full", strategy="structured", tile=tile, client=client,
+            f,
+            p,
+            x1[: 2 * tile],
+            x2[: 2 * tile],
+            store=os.path.join(tmp, "warm.zarr"),
+            output="full",
+            strategy="structured",
+            tile=tile,
+            client=client,
             progress=False,
         )
         t0 = time.perf_counter()
         ntkdist.compute(
-            f, p, x1, x2, store=os.path.join(tmp, "overhead.zarr"), output="full",
-            strategy="structured", tile=tile, client=client, progress=False,
+            f,
+            p,
+            x1,
+            x2,
+            store=os.path.join(tmp, "overhead.zarr"),
+            output="full",
+            strategy="structured",
+            tile=tile,
+            client=client,
+            progress=False,
         )
         t_engine = time.perf_counter() - t0
         cold = os.path.join(tmp, "cold.zarr")
@@ -159,8 +181,16 @@ def bench_overhead(tmp: str, quick: bool) -> dict[str, float]:
         cluster.close()
     t0 = time.perf_counter()
     ntkdist.compute(
-        f, p, x1, x2, store=cold, output="full", strategy="structured", tile=tile,
-        workers=1, progress=False,
+        f,
+        p,
+        x1,
+        x2,
+        store=cold,
+        output="full",
+        strategy="structured",
+        tile=tile,
+        workers=1,
+        progress=False,
     )
     t_cold = time.perf_counter() - t0
     return {
@@ -179,22 +209,30 @@ def bench_overhead(tmp: str, quick: bool) -> dict[str, float]:
 
 def bench_symmetric(tmp: str, quick: bool) -> dict[str, float]:
     """``x2=None`` versus the same kernel computed as a rectangular job."""
-    f, p = make_mlp(d=16, width=128, out=4)
-    n, tile = (1024, 128) if quick else (4096, 256)
-    x = np.random.default_rng(1).normal(size=(n, 16))
+    f, p = make_mlp(d=32, width=256, out=10)
+    tile = calibrate_tile(ntkdist.Model(f), p, 32, "full", 0.5)
+    n = tile * (4 if quick else 6)
+    x = np.random.default_rng(1).normal(size=(n, 32))
     cluster, client = _cluster(2)
     try:
-        kw = {"output": "trace", "strategy": "structured", "tile": tile,
-              "client": client, "progress": False}
+        kw = {
+            "output": "full",
+            "strategy": "structured",
+            "tile": tile,
+            "client": client,
+            "progress": False,
+        }
         ntkdist.compute(f, p, x[:tile], store=os.path.join(tmp, "w.zarr"), **kw)
-        ntkdist.compute(f, p, x[:tile], x[:tile], store=os.path.join(tmp, "w2.zarr"),
-                        **kw)
+        ntkdist.compute(
+            f, p, x[:tile], x[:tile], store=os.path.join(tmp, "w2.zarr"), **kw
+        )
         t0 = time.perf_counter()
         sym = ntkdist.compute(f, p, x, store=os.path.join(tmp, "sym.zarr"), **kw)
         t_sym = time.perf_counter() - t0
         t0 = time.perf_counter()
-        rect = ntkdist.compute(f, p, x, x.copy(), store=os.path.join(tmp, "rect.zarr"),
-                               **kw)
+        rect = ntkdist.compute(
+            f, p, x, x.copy(), store=os.path.join(tmp, "rect.zarr"), **kw
+        )
         t_rect = time.perf_counter() - t0
     finally:
         client.close()
@@ -208,6 +246,7 @@ def bench_symmetric(tmp: str, quick: bool) -> dict[str, float]:
         "symmetric_s": t_sym,
         "rectangular_s": t_rect,
         "speedup": t_rect / t_sym,
+        "ideal_speedup": rect.plan.n_tiles / sym.plan.n_tiles,
         "max_abs_difference": diff,
     }
 
@@ -222,8 +261,16 @@ def bench_memory(tmp: str, quick: bool) -> list[dict[str, float]]:
         cluster, client = _cluster(2)
         try:
             t0 = time.perf_counter()
-            s = ntkdist.compute(f, p, x, store=store, output="trace",
-                                strategy="structured", client=client, progress=False)
+            s = ntkdist.compute(
+                f,
+                p,
+                x,
+                store=store,
+                output="trace",
+                strategy="structured",
+                client=client,
+                progress=False,
+            )
             dt = time.perf_counter() - t0
             peaks = client.run(
                 lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -232,16 +279,18 @@ def bench_memory(tmp: str, quick: bool) -> list[dict[str, float]]:
             client.close()
             cluster.close()
         predicted = s.plan.peak_bytes_per_worker
-        rows.append({
-            "n": n,
-            "tile": s.plan.tile_rows,
-            "tiles": s.plan.n_tiles,
-            "seconds": dt,
-            "predicted": predicted,
-            "peak_max": max(peaks.values()),
-            "peak_min": min(peaks.values()),
-            "error": max(peaks.values()) / predicted - 1,
-        })
+        rows.append(
+            {
+                "n": n,
+                "tile": s.plan.tile_rows,
+                "tiles": s.plan.n_tiles,
+                "seconds": dt,
+                "predicted": predicted,
+                "peak_max": max(peaks.values()),
+                "peak_min": min(peaks.values()),
+                "error": max(peaks.values()) / predicted - 1,
+            }
+        )
         shutil.rmtree(store, ignore_errors=True)
     return rows
 
@@ -256,8 +305,10 @@ def main(argv: list[str] | None = None) -> None:
     jax.config.update("jax_enable_x64", True)
     tmp = args.dir or tempfile.mkdtemp(prefix="ntkdist-bench-")
     sections = args.sections.split(",")
-    print(f"ntkdist engine benchmark, {os.cpu_count()} CPUs, load "
-          f"{os.getloadavg()[0]:.1f}, scratch {tmp}")
+    print(
+        f"ntkdist engine benchmark, {os.cpu_count()} CPUs, load "
+        f"{os.getloadavg()[0]:.1f}, scratch {tmp}"
+    )
     if "overhead" in sections:
         r = bench_overhead(tmp, args.quick)
         print("\n== engine overhead (1 worker, tiles of about 1 s, full output) ==")
@@ -265,17 +316,21 @@ def main(argv: list[str] | None = None) -> None:
             print(f"  {k:<26} {v:.3f}" if isinstance(v, float) else f"  {k:<26} {v}")
     if "symmetric" in sections:
         r = bench_symmetric(tmp, args.quick)
-        print("\n== symmetric savings (2 workers, trace) ==")
+        print("\n== symmetric savings (2 workers, full, tiles of about 0.5 s) ==")
         for k, v in r.items():
             print(f"  {k:<26} {v:.4g}" if isinstance(v, float) else f"  {k:<26} {v}")
     if "memory" in sections:
         print("\n== peak RSS per worker vs plan (2 workers, trace, MLP 16-64-64-4) ==")
-        print(f"  {'N':>6} {'tile':>5} {'tiles':>6} {'time':>8} {'predicted':>11} "
-              f"{'peak (max)':>11} {'peak (min)':>11} {'error':>7}")
+        print(
+            f"  {'N':>6} {'tile':>5} {'tiles':>6} {'time':>8} {'predicted':>11} "
+            f"{'peak (max)':>11} {'peak (min)':>11} {'error':>7}"
+        )
         for r in bench_memory(tmp, args.quick):
-            print(f"  {r['n']:>6} {r['tile']:>5} {r['tiles']:>6} {r['seconds']:>7.1f}s "
-                  f"{format_bytes(r['predicted']):>11} {format_bytes(r['peak_max']):>11} "
-                  f"{format_bytes(r['peak_min']):>11} {100 * r['error']:>6.1f}%")
+            print(
+                f"  {r['n']:>6} {r['tile']:>5} {r['tiles']:>6} {r['seconds']:>7.1f}s "
+                f"{format_bytes(r['predicted']):>11} {format_bytes(r['peak_max']):>11} "
+                f"{format_bytes(r['peak_min']):>11} {100 * r['error']:>6.1f}%"
+            )
     if not args.dir:
         shutil.rmtree(tmp, ignore_errors=True)
 

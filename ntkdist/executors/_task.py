@@ -50,6 +50,9 @@ class TileSpec:
         tile_cols: tile side along ``x2``.
         dtype: the kernel dtype.
         fingerprint: the job's fingerprint (names worker caches and task keys).
+        model_key: hash of what the model computes; a worker reuses the first
+            model object it saw with this key, so later jobs hit the same
+            compiled functions instead of compiling again.
     """
 
     store: str
@@ -61,6 +64,7 @@ class TileSpec:
     tile_cols: int
     dtype: str
     fingerprint: str
+    model_key: str = ""
 
 
 def _factors_impl(
@@ -94,6 +98,27 @@ _arrays: OrderedDict[tuple[str, ...], zarr.Array] = OrderedDict()
 # Open arrays a worker keeps (the kernel and the inputs of recent jobs).
 ARRAY_CACHE_SIZE = 8
 _factor_cache: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
+_models: OrderedDict[str, Model] = OrderedDict()
+# Models a worker keeps so that repeated jobs reuse their compilations.
+MODEL_CACHE_SIZE = 8
+
+
+def canonical_model(key: str, model: Model) -> Model:
+    """The first model seen with ``key`` (same jaxpr and constants), else ``model``.
+
+    Jitted tile functions take the model as a static argument, hashed by the
+    identity of ``apply_fn``; each job's model arrives as a new object, so
+    without this every job would compile again.
+    """
+    if not key:
+        return model
+    with _lock:
+        if key not in _models:
+            _models[key] = model
+            while len(_models) > MODEL_CACHE_SIZE:
+                _models.popitem(last=False)
+        _models.move_to_end(key)
+        return _models[key]
 
 
 def _array(root: str, path: str, mode: str, job: str) -> zarr.Array:
@@ -174,6 +199,7 @@ def run_tile(
     Idempotent: run twice, it writes the same bytes, so retries are safe.
     """
     model, params = model_params
+    model = canonical_model(spec.model_key, model)
     block = compute_block(tile, spec, model, params)
     kernel = _array(spec.store, "kernel", "r+", spec.fingerprint)
     return write_tile(kernel, tile, block, spec.output)

@@ -17,6 +17,7 @@ which writes its transpose.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -223,12 +224,12 @@ class KernelStore:
 
     # -- the contract readers rely on ----------------------------------------
 
-    @property
+    @functools.cached_property
     def kernel(self) -> zarr.Array:
         """The kernel in its output form's shape; NaN where not yet written."""
         return self._group["kernel"]  # type: ignore[return-value]
 
-    @property
+    @functools.cached_property
     def done(self) -> zarr.Array:
         """Marker array: ``done[i, j]`` is block ``(i, j)``'s checksum, 0 if absent."""
         return self._group["done"]  # type: ignore[return-value]
