@@ -1,6 +1,6 @@
 """Benchmark of the engine: overhead, symmetric savings, worker memory vs plan.
 
-Run ``python -m ntkdist._engine_bench [--quick] [--sections overhead,symmetric,memory]``.
+Run ``python -m ntkdist._engine_bench [--quick] [--sections a,b]``; sections:
 
 - **overhead**: the same tiles (about 1 s each) computed (a) through
   ``ntkdist.compute`` on a one-worker Dask cluster into Zarr, and (b) in a plain
@@ -25,6 +25,8 @@ from typing import Any
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,7 +41,7 @@ def make_mlp(d: int, width: int, out: int, depth: int = 2, seed: int = 0) -> Any
     sizes = [d] + [width] * depth + [out]
     params = [
         {"w": rng.normal(size=(a, b)) / np.sqrt(a), "b": 0.1 * rng.normal(size=b)}
-        for a, b in zip(sizes[:-1], sizes[1:], strict=True)
+        for a, b in itertools.pairwise(sizes)
     ]
 
     def apply_fn(p: Any, x: jax.Array) -> jax.Array:
@@ -52,7 +54,7 @@ def make_mlp(d: int, width: int, out: int, depth: int = 2, seed: int = 0) -> Any
 
 def calibrate_tile(model: Any, p: Any, d: int, output: str, seconds: float) -> int:
     """A tile side whose structured tile takes about ``seconds`` here."""
-    from .kernels import get  # noqa: PLC0415
+    from .kernels import get
 
     strategy, tile = get("structured"), 64
     rng = np.random.default_rng(0)
@@ -68,9 +70,9 @@ def calibrate_tile(model: Any, p: Any, d: int, output: str, seconds: float) -> i
 
 
 def _cluster(n_workers: int) -> Any:
-    from distributed import Client, LocalCluster  # noqa: PLC0415
+    from distributed import Client, LocalCluster
 
-    from .executors._dask import jax_worker_env  # noqa: PLC0415
+    from .executors._dask import jax_worker_env
 
     cluster = LocalCluster(
         n_workers=n_workers,
@@ -85,8 +87,8 @@ def _cluster(n_workers: int) -> Any:
 
 def bench_overhead(tmp: str, quick: bool) -> dict[str, float]:
     """Engine (Dask + Zarr, 1 worker) vs plain in-process loops over the same tiles."""
-    from .executors import InputSource, TileSpec, compute_block  # noqa: PLC0415
-    from .kernels import get  # noqa: PLC0415
+    from .executors import InputSource, TileSpec, compute_block
+    from .kernels import get
 
     f, p = make_mlp(d=32, width=256, out=10)
     strategy = get("structured")
@@ -116,7 +118,7 @@ def bench_overhead(tmp: str, quick: bool) -> dict[str, float]:
     t_naive = naive_loop()
 
     # The engine's tile function, in process, reading inputs from Zarr once.
-    import zarr  # noqa: PLC0415
+    import zarr
 
     src = os.path.join(tmp, "inputs.zarr")
     g = zarr.open_group(src, mode="w")
