@@ -23,10 +23,12 @@ from __future__ import annotations
 import collections
 import inspect
 import threading
-from collections.abc import Callable, Hashable, Mapping
-from typing import Any, final
+from typing import TYPE_CHECKING, Any, final
 
 import jax
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Hashable, Mapping
 
 _CACHE_SIZE = 128
 _cache: collections.OrderedDict[tuple[Any, ...], Callable[..., Any]] = (
