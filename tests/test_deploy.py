@@ -558,3 +558,108 @@ def test_one_worker_per_gpu_computes_the_kernel(tls_dir, tmp_path):
     assert len({v[0].split(",")[0] for v in views.values()}) == n
     want = ntkdist.ntk(_mlp, params, x, output="trace")
     np.testing.assert_allclose(np.asarray(store.kernel[...]), want, rtol=1e-4)
+
+
+# -- the command line over TLS ------------------------------------------------------
+
+MODEL = """
+import jax.numpy as jnp
+import numpy as np
+
+
+def apply_fn(p, x):
+    return jnp.tanh(x @ p["w1"]) @ p["w2"]
+
+
+def factory():
+    rng = np.random.default_rng(1)
+    return apply_fn, {"w1": rng.normal(size=(3, 5)), "w2": rng.normal(size=(5, 2))}
+"""
+
+
+def test_tls_env_is_what_distributed_reads(tls_dir):
+    code = (
+        "from distributed import Security\n"
+        "s = Security()\n"
+        "print(s.require_encryption, s.tls_ca_file, s.tls_client_cert, "
+        "s.tls_client_key)"
+    )
+    env = {**nc.tls_env(tls_dir), "PATH": os.environ.get("PATH", "")}
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert out == [
+        "True",
+        str(tls_dir / "ca.pem"),
+        str(tls_dir / "client.pem"),
+        str(tls_dir / "client-key.pem"),
+    ]
+    with pytest.raises(ValueError, match="not one of"):
+        nc.tls_env(tls_dir, role="admin")
+
+
+@pytest.mark.cluster
+def test_cli_computes_over_tls_only_with_the_client_certificate(
+    tls_dir, tmp_path, monkeypatch
+):
+    # The model is a module that both the CLI and the (in-process) worker import,
+    # as on a real cluster where the model's package is installed on the workers.
+    (tmp_path / "ntkdist_tls_cli_model.py").write_text(MODEL)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    x = np.random.default_rng(2).normal(size=(9, 3))
+    np.save(tmp_path / "x.npy", x)
+    security = nc.security_from_directory(tls_dir)
+    base_env = {
+        "PATH": os.environ.get("PATH", ""),
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": str(tmp_path),
+    }
+
+    def cli(store, env):
+        command = [
+            sys.executable,
+            "-m",
+            "ntkdist",
+            "compute",
+            "ntkdist_tls_cli_model:factory",
+            "--x1",
+            str(tmp_path / "x.npy"),
+            "--out",
+            str(tmp_path / store),
+            "--output",
+            "trace",
+            "--tile",
+            "4",
+            "--scheduler",
+            address,
+            "--quiet",
+        ]
+        return subprocess.run(
+            command, env=env, capture_output=True, text=True, check=False, timeout=120
+        )
+
+    with LocalCluster(
+        n_workers=1,
+        threads_per_worker=1,
+        processes=False,
+        protocol="tls://",
+        host="127.0.0.1",
+        security=security,
+        dashboard_address=":0",
+    ) as cluster:
+        address = cluster.scheduler_address
+        refused = cli("refused.zarr", base_env)
+        done = cli("k.zarr", {**base_env, **nc.tls_env(tls_dir)})
+    assert refused.returncode != 0
+    assert "TLS" in refused.stderr
+    assert done.returncode == 0, done.stderr
+    ns = {}
+    exec(MODEL, ns)
+    apply_fn, params = ns["factory"]()
+    want = ntkdist.ntk(apply_fn, params, x, output="trace")
+    got = np.asarray(ntkdist.open(tmp_path / "k.zarr").kernel[...])
+    np.testing.assert_allclose(got, want, rtol=1e-12)
