@@ -663,3 +663,41 @@ def test_cli_computes_over_tls_only_with_the_client_certificate(
     want = ntkdist.ntk(apply_fn, params, x, output="trace")
     got = np.asarray(ntkdist.open(tmp_path / "k.zarr").kernel[...])
     np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+# -- stores hold no pickles ------------------------------------------------------
+
+
+def test_opening_a_store_never_unpickles(tmp_path, monkeypatch):
+    import pickle
+
+    x = np.random.default_rng(3).normal(size=(6, 3))
+    params = {"w1": np.ones((3, 4)) / 2, "w2": np.ones((4, 2)) / 3}
+    path = tmp_path / "k.zarr"
+    ntkdist.compute(
+        _mlp,
+        params,
+        x,
+        store=path,
+        output="full",
+        tile=4,
+        executor="serial",
+        progress=False,
+    )
+    metadata = list(path.rglob("zarr.json"))
+    assert metadata
+    for meta in metadata:
+        text = meta.read_text()
+        json.loads(text)  # JSON, nothing else
+        assert "pickle" not in text.lower()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a store must not be unpickled")
+
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "Unpickler", refuse)
+    store = ntkdist.open(path)
+    np.testing.assert_allclose(
+        np.asarray(store.kernel[...]), ntkdist.ntk(_mlp, params, x), rtol=1e-12
+    )
