@@ -79,8 +79,8 @@ def make_cluster(
             nodes); ``None`` runs without TLS, for trusted networks only.
         partition: SLURM partition (``-p``).
         account: SLURM account (``-A``).
-        cores: CPU cores per job (worker threads; only one tile task runs at a
-            time because each needs the single ``GPU`` resource).
+        cores: CPU cores booked per job (``--cpus-per-task``); the worker
+            itself runs one task thread, so one tile at a time uses the GPU.
         memory: host memory per job.
         walltime: per job, ``HH:MM:SS``.
         x64: ``JAX_ENABLE_X64`` for the workers; ``None`` leaves JAX's default
@@ -114,7 +114,11 @@ def make_cluster(
     return SLURMCluster(
         queue=partition,
         account=account,
-        cores=cores,
+        # One worker thread: tiles run one at a time on the job's GPU even
+        # when a client does not request the GPU resource; the job still books
+        # ``cores`` CPUs for XLA's host threads and input loading.
+        cores=1,
+        job_cpu=cores,
         processes=1,
         memory=memory,
         walltime=walltime,

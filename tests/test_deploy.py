@@ -214,6 +214,7 @@ def test_slurm_job_requests_one_gpu(slurm_script):
     assert "#SBATCH -p gpu" in directives
     assert "#SBATCH -A ntk" in directives
     assert "#SBATCH -n 1" in directives  # one worker process per job
+    assert "#SBATCH --cpus-per-task=8" in directives  # the default cores
 
 
 def test_slurm_worker_carries_resource_preload_and_tls(slurm_script, tls_dir):
@@ -222,6 +223,7 @@ def test_slurm_worker_carries_resource_preload_and_tls(slurm_script, tls_dir):
     assert command[3].startswith("tls://127.0.0.1:")
     args = pairs(command)
     assert args["--resources"] == "GPU=1"
+    assert args["--nthreads"] == "1"  # one tile at a time on the job's GPU
     assert args["--preload"] == "ntkdist.cluster"
     assert args["--tls-ca-file"] == str(tls_dir / "ca.pem")
     assert args["--tls-cert"] == str(tls_dir / "worker.pem")
