@@ -113,25 +113,21 @@ def check_pair(x1: Any, x2: Any | None) -> None:
 
 def check_model(model: Model, params: Any, x: Any, *, independence: bool = True) -> int:
     """The model must map ``[n, ...]`` to ``[n, O]`` per sample; returns ``O``."""
-    probe = jax.ShapeDtypeStruct((2, *x.shape[1:]), x.dtype)
-    try:
-        out = jax.eval_shape(model.apply_fn, params, probe)
-    except Exception as err:
-        raise ModelError(
-            f"apply_fn(params, x) failed on a batch of shape {probe.shape} "
-            f"({type(err).__name__}: {err}); expected it to accept params and a "
-            "batch [n, *features] and return an array [n, O] (or [n])."
-        ) from err
-    shape = getattr(out, "shape", None)
-    if shape is None or len(shape) < 1 or shape[0] != 2:
-        got = (
-            f"shape {tuple(shape)}" if shape is not None else f"a {type(out).__name__}"
-        )
-        raise ModelError(
-            f"apply_fn(params, x) returned {got} for a batch of 2 samples; expected "
-            "an array [n, O] (or [n]) with the sample axis first. If the model "
-            "returns a tuple or dict, wrap it: lambda p, x: model(p, x)['logits']."
-        )
+    for n in (2, 3):  # two sizes, so an [O, n] output with O == n is caught too
+        out = _output_shape(model, params, x, n)
+        shape = getattr(out, "shape", None)
+        if shape is None or len(shape) < 1 or shape[0] != n:
+            got = (
+                f"shape {tuple(shape)}"
+                if shape is not None
+                else f"a {type(out).__name__}"
+            )
+            raise ModelError(
+                f"apply_fn(params, x) returned {got} for a batch of {n} samples; "
+                "expected an array [n, O] (or [n]) with the sample axis first. If "
+                "the model returns a tuple or dict, wrap it: "
+                "lambda p, x: model(p, x)['logits']."
+            )
     if not jnp.issubdtype(out.dtype, jnp.floating):
         raise ModelError(
             f"apply_fn returned dtype {out.dtype}; expected floating point."
@@ -139,6 +135,18 @@ def check_model(model: Model, params: Any, x: Any, *, independence: bool = True)
     if independence and x.shape[0] >= 2:
         _check_independent(model, params, x)
     return int(np.prod(shape[1:], dtype=np.int64))
+
+
+def _output_shape(model: Model, params: Any, x: Any, n: int) -> Any:
+    probe = jax.ShapeDtypeStruct((n, *x.shape[1:]), x.dtype)
+    try:
+        return jax.eval_shape(model.apply_fn, params, probe)
+    except Exception as err:
+        raise ModelError(
+            f"apply_fn(params, x) failed on a batch of shape {probe.shape} "
+            f"({type(err).__name__}: {err}); expected it to accept params and a "
+            "batch [n, *features] and return an array [n, O] (or [n])."
+        ) from err
 
 
 def _check_independent(model: Model, params: Any, x: Any) -> None:
