@@ -70,7 +70,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     reg.add_argument("--maxiter", type=int, default=1000, help="CG iterations")
     reg.add_argument(
-        "--preconditioner", choices=("block", "jacobi", "none"), default="block"
+        "--preconditioner",
+        choices=("nystrom", "block", "jacobi", "none"),
+        default="nystrom",
     )
     reg.add_argument("--method", choices=("auto", "cholesky", "cg"), default="auto")
     reg.set_defaults(func=run_regress)

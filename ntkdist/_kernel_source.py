@@ -119,15 +119,20 @@ class KernelSource:
 
     # ---- reading -----------------------------------------------------------
 
-    def _read(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+    def _read(
+        self, r0: int, r1: int, c0: int, c1: int, *, check: bool = True
+    ) -> np.ndarray:
         block = np.asarray(self.array[r0:r1, c0:c1], dtype=np.float64)
-        if np.isnan(block).any():
-            raise IncompleteKernelError(
-                f"{self.name} holds NaN in stored rows {r0}:{r1}, columns {c0}:{c1}: "
-                "those tiles were never written (NaN is the store's fill value). "
-                "Finish or resume the kernel computation before using it."
-            )
+        if check and np.isnan(block).any():
+            self._unwritten(r0, r1, c0, c1)
         return block
+
+    def _unwritten(self, r0: int, r1: int, c0: int, c1: int) -> None:
+        raise IncompleteKernelError(
+            f"{self.name} holds NaN in stored rows {r0}:{r1}, columns {c0}:{c1}: "
+            "those tiles were never written (NaN is the store's fill value). "
+            "Finish or resume the kernel computation before using it."
+        )
 
     def _block_grid(
         self, block_bytes: int, upper: bool
@@ -156,16 +161,22 @@ class KernelSource:
         Blocks follow the chunk grid: one chunk row high and as many whole
         chunk columns wide as ``block_bytes`` allows (at least one chunk). With
         ``upper`` only blocks on or above the diagonal are read (square chunks).
+        Blocks are not scanned for NaN (unwritten tiles): :meth:`matmat` finds
+        them in its products, since NaN propagates through every product.
         """
         grid = self._block_grid(block_bytes, upper)
         if not grid:
             return
+        if not isinstance(self.array, zarr.Array):
+            for r0, r1, c0, c1 in grid:
+                yield r0, r1, c0, c1, self._read(r0, r1, c0, c1, check=False)
+            return
         with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-            pending = pool.submit(self._read, *grid[0])
+            pending = pool.submit(self._read, *grid[0], check=False)
             for k, (r0, r1, c0, c1) in enumerate(grid):
                 block = pending.result()
                 if k + 1 < len(grid):
-                    pending = pool.submit(self._read, *grid[k + 1])
+                    pending = pool.submit(self._read, *grid[k + 1], check=False)
                 yield r0, r1, c0, c1, block
 
     def dense(self) -> np.ndarray:
@@ -244,8 +255,12 @@ class KernelSource:
         for r0, r1, c0, c1, block in self.blocks(block_bytes, upper=upper):
             if transposed:
                 _apply(block, x[r0:r1], out[c0:c1], transpose=True)
+                touched = out[c0:c1]
             else:
                 _apply(block, x[c0:c1], out[r0:r1], transpose=False)
+                touched = out[r0:r1]
+            if np.isnan(touched).any() and np.isnan(block).any():
+                self._unwritten(r0, r1, c0, c1)
             if upper:
                 # The mirrored lower-triangle part of this block row.
                 skip = max(0, r1 - c0)

@@ -287,7 +287,7 @@ class MsePredictor:
             memory_budget=self.budget,
             tol=1e-10,
             maxiter=10_000,
-            preconditioner="block",
+            preconditioner="nystrom",
         )
         return GpPrediction(train, g0 + fit.predict(cross)[0], None)
 

@@ -45,7 +45,7 @@ from ._linalg import (
 )
 
 METHODS = ("auto", "cholesky", "cg")
-PRECONDITIONERS = ("block", "jacobi", "none")
+PRECONDITIONERS = ("nystrom", "block", "jacobi", "none")
 
 
 def check_ridges(
@@ -204,7 +204,8 @@ def kernel_ridge(
     memory_budget: int | str | None = None,
     tol: float = 1e-6,
     maxiter: int = 1000,
-    preconditioner: str = "block",
+    preconditioner: str = "nystrom",
+    rank: int = 300,
     allow_incomplete: bool = False,
 ) -> KernelRidgeSolution:
     """Fit kernel ridge regression for one or several ridge values at once.
@@ -221,9 +222,13 @@ def kernel_ridge(
         tol: CG stops when every column's relative residual is at most this;
             the coefficients' relative error is then at most ``cond(K+λI)·tol``.
         maxiter: most CG iterations (each one pass over the kernel).
-        preconditioner: ``"block"`` (Cholesky of each diagonal tile; falls back
-            to ``"jacobi"`` when the factors exceed a quarter of the budget),
+        preconditioner: ``"nystrom"`` (randomized Nyström approximation of
+            rank ``rank``, one extra pass; suits the fast-decaying spectra of
+            NTKs), ``"block"`` (Cholesky of each diagonal tile; falls back to
+            ``"jacobi"`` when the factors exceed a quarter of the budget),
             ``"jacobi"`` or ``"none"``.
+        rank: the Nyström preconditioner's rank (its ``N·w × rank`` float64
+            basis stays in memory).
         allow_incomplete: accept an unfinished store (reading NaN still fails).
 
     Returns:
@@ -256,6 +261,7 @@ def kernel_ridge(
         tol=tol,
         maxiter=maxiter,
         preconditioner=preconditioner,
+        rank=rank,
     )
 
 
@@ -269,6 +275,7 @@ def _fit(
     tol: float,
     maxiter: int,
     preconditioner: str,
+    rank: int = 300,
 ) -> KernelRidgeSolution:
     if method not in METHODS:
         raise KernelInputError(f"method={method!r}; expected one of {list(METHODS)}.")
@@ -300,6 +307,7 @@ def _fit(
             maxiter=maxiter,
             block_bytes=_block_bytes(budget),
             preconditioner=preconditioner,
+            rank=rank,
         )
     n_cols = y.shape[1] if source.width == 1 and source.output != "full" else 1
     return KernelRidgeSolution(

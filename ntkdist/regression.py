@@ -77,7 +77,7 @@ class KernelRidgeRegressor:
         memory_budget: int | str | None = None,
         tol: float = 1e-6,
         maxiter: int = 1000,
-        preconditioner: str = "block",
+        preconditioner: str = "nystrom",
         allow_incomplete: bool = False,
     ) -> None:
         self.ridge = ridge
