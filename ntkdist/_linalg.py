@@ -42,6 +42,7 @@ class SolveResult:
         method: ``"cholesky"`` or ``"cg"``.
         iterations: CG iterations (passes over the kernel); 0 for Cholesky.
         preconditioner: the CG preconditioner used (``"none"`` for Cholesky).
+        column_iterations: the iteration at which each column converged, ``[m]``.
     """
 
     x: np.ndarray
@@ -49,6 +50,7 @@ class SolveResult:
     method: str
     iterations: int
     preconditioner: str
+    column_iterations: np.ndarray
 
 
 def _systems(output: str, arr: np.ndarray) -> list[np.ndarray]:
@@ -101,7 +103,8 @@ def dense_solve(source: KernelSource, b: np.ndarray, shifts: np.ndarray) -> Solv
             )
         res = bs - mat @ xs - xs * shifts
         sq_res += np.einsum("ij,ij->j", res, res)
-    return SolveResult(x, _relative(sq_res, b), "cholesky", 0, "none")
+    m = b.shape[2]
+    return SolveResult(x, _relative(sq_res, b), "cholesky", 0, "none", np.zeros(m, int))
 
 
 def _relative(sq_res: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -275,6 +278,7 @@ def cg_solve(
     rz = np.einsum("ijk,ijk->k", r, z)
     res = np.where(b_norm > 0, 1.0, 0.0)
     active = res > tol
+    done_at = np.zeros(b.shape[2], dtype=int)
     it = 0
     while active.any() and it < maxiter:
         cols = np.flatnonzero(active)
@@ -294,6 +298,7 @@ def cg_solve(
         rn = np.sqrt(np.einsum("ijk,ijk->k", r[:, :, cols], r[:, :, cols]))
         res[cols] = rn / b_norm[cols]
         active[cols] = res[cols] > tol
+        done_at[cols[~active[cols]]] = it
         cols = np.flatnonzero(active)
         if cols.size == 0:
             break
@@ -309,4 +314,4 @@ def cg_solve(
             "Raise maxiter, loosen tol, or use a larger ridge (a small ridge makes "
             "K + λI ill-conditioned)."
         )
-    return SolveResult(x, res, "cg", it, preconditioner)
+    return SolveResult(x, res, "cg", it, preconditioner, done_at)

@@ -137,7 +137,9 @@ class KernelRidgeSolution:
         iterations: CG iterations (passes over the kernel); 0 for Cholesky.
         preconditioner: the CG preconditioner (``"none"`` for Cholesky).
         residuals: relative residual ``‖Y − (K + λI)α‖ / ‖Y‖`` per ridge and
-            label column, ``[R, C]`` (one column for full kernels).
+            label column, ``[R, C]`` (one column for full and diagonal kernels).
+        column_iterations: CG iteration at which each of those converged,
+            ``[R, C]`` (zeros for Cholesky).
         train: the training kernel (its fingerprint checks cross kernels).
         memory_budget: bytes predictions may hold in kernel blocks.
     """
@@ -149,6 +151,7 @@ class KernelRidgeSolution:
     iterations: int
     preconditioner: str
     residuals: np.ndarray
+    column_iterations: np.ndarray
     train: KernelSource
     memory_budget: int
 
@@ -318,6 +321,7 @@ def _fit(
         iterations=result.iterations,
         preconditioner=result.preconditioner,
         residuals=result.residuals.reshape(len(ridges), n_cols),
+        column_iterations=result.column_iterations.reshape(len(ridges), n_cols),
         train=source,
         memory_budget=budget,
     )
