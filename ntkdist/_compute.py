@@ -263,6 +263,7 @@ def compute(
     model_spec: str | None = None,
     window: int | None = None,
     retries: int = 3,
+    resources: dict[str, float] | None = None,
     stream: TextIO | None = None,
     check_finite: bool = True,
     check_independence: bool = True,
@@ -299,6 +300,8 @@ def compute(
         model_spec: the ``file.py:factory`` spec recorded for ``verify --repair``.
         window: tile futures in flight (default two per worker thread).
         retries: retries of a failed tile task.
+        resources: Dask resources each tile task needs, e.g. ``{"GPU": 1}``
+            on a cluster whose workers declare one GPU each.
         stream: where progress goes (default stderr).
         check_finite: refuse NaN/inf in params or inputs.
         check_independence: refuse models whose outputs couple samples.
@@ -348,6 +351,7 @@ def compute(
         retries,
         out,
         progress,
+        resources,
     )
     stored = _stored_attrs(path) if not overwrite else None
     if stored is not None:
@@ -468,6 +472,7 @@ def _executor(
     retries: int,
     out: TextIO,
     verbose: bool,
+    resources: dict[str, float] | None = None,
 ) -> AbstractExecutor:
     if isinstance(executor, AbstractExecutor):
         return executor
@@ -487,6 +492,7 @@ def _executor(
         retries=retries,
         stream=out,
         verbose=verbose,
+        resources=resources,
     )
 
 

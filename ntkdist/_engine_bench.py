@@ -7,7 +7,7 @@ Run ``python -m ntkdist._engine_bench [--quick] [--sections a,b]``; sections:
   in-process loop with no Dask or Zarr (both with the strategy's plain
   ``tile``, and with the engine's own cached-factor tile function).
 - **symmetric**: ``x2=None`` versus the same kernel as a rectangular job.
-- **memory**: peak resident memory of each worker (``ru_maxrss``) against the
+- **memory**: peak resident memory of each worker (``VmHWM``) against the
   plan's ``peak_bytes_per_worker``, for ``trace`` of a small MLP at N = 2k, 8k
   and 32k, each on a fresh two-worker cluster.
 """
@@ -50,6 +50,19 @@ def make_mlp(d: int, width: int, out: int, depth: int = 2, seed: int = 0) -> Any
         return x @ p[-1]["w"] + p[-1]["b"]
 
     return apply_fn, params
+
+
+def peak_rss() -> int:
+    """This process's peak resident bytes since it started (``VmHWM``).
+
+    Not ``ru_maxrss``: on Linux that survives ``exec``, so a spawned worker
+    would report the peak of the process it was forked from.
+    """
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def calibrate_tile(model: Any, p: Any, d: int, output: str, seconds: float) -> int:
@@ -274,9 +287,7 @@ def bench_memory(tmp: str, quick: bool) -> list[dict[str, float]]:
                 progress=False,
             )
             dt = time.perf_counter() - t0
-            peaks = client.run(
-                lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-            )
+            peaks = client.run(peak_rss)
         finally:
             client.close()
             cluster.close()

@@ -173,6 +173,7 @@ class DaskExecutor(AbstractExecutor):
         window = self.window or WINDOW_PER_THREAD * self.n_workers
         pending = iter(todo)
         owner: dict[str, Tile] = {}
+        inflight: dict[str, Any] = {}
         failures: list[tuple[Tile, BaseException]] = []
         queue = as_completed()
 
@@ -188,6 +189,7 @@ class DaskExecutor(AbstractExecutor):
                 resources=self.resources,
             )
             owner[fut.key] = tile
+            inflight[fut.key] = fut
             queue.add(fut)
 
         for tile in islice(pending, window):
@@ -195,6 +197,7 @@ class DaskExecutor(AbstractExecutor):
         try:
             for fut in queue:
                 tile = owner.pop(fut.key)
+                del inflight[fut.key]
                 if fut.status == "finished":
                     on_done(tile, fut.result())
                 else:
@@ -204,6 +207,8 @@ class DaskExecutor(AbstractExecutor):
                 if nxt is not None:
                     submit(nxt)
         finally:
+            if inflight:  # interrupted: leave nothing running on a shared cluster
+                client.cancel(list(inflight.values()))
             shared.release()
         return failures
 

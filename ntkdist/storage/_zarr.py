@@ -18,9 +18,9 @@ which writes its transpose.
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import shutil
+import zlib
 from collections.abc import Iterable
 from typing import Any, Literal
 
@@ -36,6 +36,11 @@ FORMAT = "ntkdist-kernel-store/1"
 ATTR = "ntkdist"
 CREATING = "ntkdist_creating"
 
+# Kernel chunks are stored uncompressed: kernel values compress by 3-16 %
+# (zstd, blosc-lz4 with shuffle) while compressing a tile took longer than
+# computing it (80 MiB tile: zstd 1.6 s, blosc 0.6 s, none 0.1 s).
+KERNEL_COMPRESSORS = None
+
 StoreState = Literal["absent", "empty", "creating", "ntkdist", "other"]
 
 
@@ -45,14 +50,17 @@ def is_url(path: str) -> bool:
 
 
 def checksum(block: np.ndarray) -> int:
-    """A nonzero 64-bit BLAKE2b checksum of an array's C-order bytes.
+    """A nonzero 64-bit checksum of an array's C-order bytes: CRC-32 and Adler-32.
+
+    Fast enough (about 1 GB/s, no copy) to add little to a tile's write;
+    it detects truncated, altered or swapped chunks, not deliberate tampering.
 
     Example:
         >>> checksum(np.zeros(3)) == checksum(np.zeros(3)) != checksum(np.ones(3))
         True
     """
-    raw = hashlib.blake2b(np.ascontiguousarray(block).tobytes(), digest_size=8).digest()
-    return int.from_bytes(raw, "little") or 1
+    raw = memoryview(np.ascontiguousarray(block)).cast("B")
+    return ((zlib.crc32(raw) << 32) | zlib.adler32(raw)) or 1
 
 
 def mirror_block(block: np.ndarray, output: str) -> np.ndarray:
@@ -175,6 +183,7 @@ class KernelStore:
                 chunks=chunks,
                 dtype=plan.dtype,
                 fill_value=np.nan,
+                compressors=KERNEL_COMPRESSORS,
             )
             group.create_array(
                 "done", shape=plan.grid, chunks=(1, 1), dtype="uint64", fill_value=0
