@@ -234,7 +234,7 @@ def run_spectrum(args: argparse.Namespace) -> int:
         return 2
     print(spec)
     print("eigenvalues:", " ".join(f"{v:.6g}" for v in spec.eigenvalues))
-    if args.vectors:
+    if args.vectors and spec.eigenvectors is not None:
         np.save(args.vectors, spec.eigenvectors)
         print(f"eigenvectors {spec.eigenvectors.shape} saved to {args.vectors}")
     if args.plot:

@@ -335,7 +335,8 @@ def as_kernel(
     if not isinstance(kernel, np.ndarray | zarr.Array):
         kernel = np.asarray(kernel)
     if output is None and isinstance(kernel, zarr.Array):
-        output = kernel.attrs.get("output") if "output" in kernel.attrs else None
+        recorded = kernel.attrs.get("output")
+        output = recorded if isinstance(recorded, str) else None
     return _checked(kernel, name, output, fields=None, symmetric=False, out_dim=None)
 
 

@@ -176,14 +176,13 @@ class MsePredictor:
         results = [self._at(float(tt), cross, f0, g0, kdiag) for tt in ts.ravel()]
         if ts.ndim == 0:
             return results[0]
-        return GpPrediction(
-            *(
-                None
-                if parts[0] is None
-                else np.stack(parts).reshape(*ts.shape, *parts[0].shape)
-                for parts in zip(*results, strict=True)
-            )
-        )
+        stacked = [
+            None
+            if parts[0] is None
+            else np.stack(parts).reshape(*ts.shape, *parts[0].shape)
+            for parts in zip(*results, strict=True)
+        ]
+        return GpPrediction(*stacked)  # type: ignore[arg-type]
 
     def _test_diag(self, k: Any, m: int, allow_incomplete: bool) -> np.ndarray:
         src = self.source

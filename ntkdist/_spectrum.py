@@ -156,11 +156,15 @@ def spectrum(
 
 def _dense(source: KernelSource, k: int, *, vectors: bool, smallest: bool) -> Spectrum:
     n, w = source.shape[0], source.width
-    vals, vecs = [], []
+    vals: list[np.ndarray] = []
+    vecs: list[np.ndarray] = []
     for a, mat in enumerate(source.dense_matrices()):
-        lam, v = np.linalg.eigh(mat) if vectors else (np.linalg.eigvalsh(mat), None)
+        if not vectors:
+            vals.append(np.linalg.eigvalsh(mat))
+            continue
+        lam, v = np.linalg.eigh(mat)
         vals.append(lam)
-        if v is not None and source.output == "diagonal":
+        if source.output == "diagonal":
             full = np.zeros((n, w, v.shape[1]))
             full[:, a, :] = v
             v = full.reshape(n * w, -1)

@@ -148,13 +148,12 @@ class KernelRidgeRegressor:
 
     def predict(self, k_test_train: Any) -> np.ndarray:
         """Predictions ``[M]`` or ``[M, C]`` (the shape of the training labels)."""
-        if getattr(self, "solution_", None) is None:
+        solution = getattr(self, "solution_", None)
+        if solution is None:
             raise KernelInputError(
                 "KernelRidgeRegressor is not fitted; call fit first."
             )
-        pred = self.solution_.predict(
-            k_test_train, allow_incomplete=self.allow_incomplete
-        )[0]
+        pred = solution.predict(k_test_train, allow_incomplete=self.allow_incomplete)[0]
         return pred[:, 0] if self.y_ndim_ == 1 else pred
 
     def score(self, k_test_train: Any, y: Any, sample_weight: Any = None) -> float:
