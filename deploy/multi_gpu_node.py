@@ -1,4 +1,4 @@
-"""One node with several GPUs: one ntkdist worker per GPU.
+r"""One node with several GPUs: one ntkdist worker per GPU.
 
 With dask-cuda installed, :func:`make_cluster` starts a ``LocalCUDACluster``,
 which gives worker ``i`` ``CUDA_VISIBLE_DEVICES=i,i+1,...,0,...``; every
@@ -25,8 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dask
 from distributed import Nanny, Scheduler, SpecCluster
@@ -37,6 +36,9 @@ from ntkdist.cluster import (
     security_from_directory,
     worker_env,
 )
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 
 def visible_gpus() -> int:

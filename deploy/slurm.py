@@ -32,10 +32,12 @@ import argparse
 import os
 import sys
 import time
-from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ntkdist.cluster import security_from_directory, worker_args, worker_env
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 
 def job_prologue(env: dict[str, str], setup: Sequence[str] = ()) -> list[str]:

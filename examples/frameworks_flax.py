@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import TYPE_CHECKING, Any
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -32,6 +33,9 @@ from sklearn.datasets import load_digits
 import ntkdist
 from ntkdist.adapters import from_flax_linen, from_flax_nnx
 
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
 
 def digits(n_train: int = 200, n_test: int = 100) -> tuple[np.ndarray, ...]:
     """Images ``[n, 8, 8, 1]`` in ``[0, 1]`` and one-hot labels ``[n, 10]``."""
@@ -43,7 +47,15 @@ def digits(n_train: int = 200, n_test: int = 100) -> tuple[np.ndarray, ...]:
     return x[tr], y[tr], x[te], y[te]
 
 
-def ridge_accuracy(apply_fn, params, x_tr, y_tr, x_te, y_te, ridge=1e-3) -> float:
+def ridge_accuracy(
+    apply_fn: Callable[[Any, Any], Any],
+    params: Any,
+    x_tr: np.ndarray,
+    y_tr: np.ndarray,
+    x_te: np.ndarray,
+    y_te: np.ndarray,
+    ridge: float = 1e-3,
+) -> float:
     """Test accuracy of the linearised network's kernel ridge prediction."""
     k_tr = ntkdist.ntk(apply_fn, params, x_tr, output="trace").astype(np.float64)
     k_te = ntkdist.ntk(apply_fn, params, x_te, x_tr, output="trace").astype(np.float64)
