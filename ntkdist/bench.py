@@ -1,0 +1,332 @@
+"""Benchmark: time each strategy on one tile, as a fraction of the machine's GEMM rate.
+
+Run ``python -m ntkdist.bench`` (or ``ntkdist bench``). In one run it measures
+this machine's float32 matrix-multiply rate, then, for each case, compiles
+each strategy's tile function once and reports the median of several timed
+runs, the FLOPs the strategy's cost model predicts for the tile, and the rate
+achieved as a fraction of the GEMM rate. Results go to a table on stdout and a
+JSON file.
+
+Strategies whose predicted memory exceeds ``--memory-budget`` or whose
+predicted time exceeds ``--max-seconds`` are reported as skipped, with the
+prediction, rather than run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._model import Model
+from .kernels import STRATEGIES, get
+
+# -- models -------------------------------------------------------------------
+
+
+def mlp(params: Any, x: jax.Array) -> jax.Array:
+    """ReLU MLP with biases: ``params = [(w, b), ...]``."""
+    h = x
+    for w, b in params[:-1]:
+        h = jax.nn.relu(h @ w + b)
+    w, b = params[-1]
+    return h @ w + b
+
+
+def cnn(params: Any, x: jax.Array) -> jax.Array:
+    """Two 3×3 convolutions (the second strided), global average pool, dense head."""
+    dn = ("NHWC", "HWIO", "NHWC")
+    h = jax.lax.conv_general_dilated(
+        x, params["c1"], (1, 1), "SAME", dimension_numbers=dn
+    )
+    h = jax.nn.relu(h + params["b1"])
+    h = jax.lax.conv_general_dilated(
+        h, params["c2"], (2, 2), "SAME", dimension_numbers=dn
+    )
+    h = jax.nn.relu(h + params["b2"])
+    return jnp.mean(h, axis=(1, 2)) @ params["head"]
+
+
+def attention(params: Any, x: jax.Array) -> jax.Array:
+    """One self-attention block with an MLP and a linear readout, ``x: [n, T, D]``."""
+    q, k, v = (x @ params[n] for n in ("wq", "wk", "wv"))
+    a = jax.nn.softmax(q @ jnp.swapaxes(k, 1, 2) / jnp.sqrt(q.shape[-1]), axis=-1)
+    h = x + (a @ v) @ params["wo"]
+    h = h + jax.nn.gelu(h @ params["w1"]) @ params["w2"]
+    return jnp.mean(h, axis=1) @ params["head"]
+
+
+def _init_mlp(d_in: int, width: int, depth: int, out: int) -> Any:
+    dims = [d_in] + [width] * depth + [out]
+    keys = jax.random.split(jax.random.PRNGKey(0), len(dims))
+    return [
+        (
+            jax.random.normal(k, (a, b), jnp.float32) / np.sqrt(a),
+            jnp.zeros(b, jnp.float32),
+        )
+        for k, a, b in zip(keys, dims[:-1], dims[1:], strict=False)
+    ]
+
+
+def _init_cnn(channels: int, out: int) -> Any:
+    k = jax.random.split(jax.random.PRNGKey(0), 3)
+    return {
+        "c1": jax.random.normal(k[0], (3, 3, 3, channels), jnp.float32) / np.sqrt(27),
+        "b1": jnp.zeros(channels, jnp.float32),
+        "c2": jax.random.normal(k[1], (3, 3, channels, channels), jnp.float32)
+        / np.sqrt(9 * channels),
+        "b2": jnp.zeros(channels, jnp.float32),
+        "head": jax.random.normal(k[2], (channels, out), jnp.float32)
+        / np.sqrt(channels),
+    }
+
+
+def _init_attention(d: int, out: int) -> Any:
+    names = ("wq", "wk", "wv", "wo", "w1", "w2", "head")
+    shapes = [(d, d)] * 4 + [(d, 4 * d), (4 * d, d), (d, out)]
+    keys = jax.random.split(jax.random.PRNGKey(0), len(names))
+    return {
+        n: jax.random.normal(k, s, jnp.float32) / np.sqrt(s[0])
+        for n, k, s in zip(names, keys, shapes, strict=True)
+    }
+
+
+def cases(quick: bool) -> dict[str, tuple[Callable[..., Any], Any, tuple[int, ...]]]:
+    """Benchmark cases: name -> (apply_fn, params, per-sample input shape)."""
+    if quick:
+        return {
+            "mlp-w256": (mlp, _init_mlp(64, 256, 3, 10), (64,)),
+            "cnn-16x16-c16": (cnn, _init_cnn(16, 10), (16, 16, 3)),
+        }
+    return {
+        "mlp-w512": (mlp, _init_mlp(256, 512, 3, 10), (256,)),
+        "mlp-w2048": (mlp, _init_mlp(256, 2048, 3, 10), (256,)),
+        "mlp-nt-reference": (mlp, _init_mlp(256, 512, 2, 10), (256,)),
+        "cnn-32x32-c64": (cnn, _init_cnn(64, 10), (32, 32, 3)),
+        "attention-t16-d128": (attention, _init_attention(128, 10), (16, 128)),
+    }
+
+
+# -- measurement --------------------------------------------------------------
+
+
+def _median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, list[float]]:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), times
+
+
+def gemm_rate(size: int = 2048, repeats: int = 5) -> float:
+    """This machine's float32 matrix-multiply rate in FLOP/s (median of runs)."""
+    a = jax.random.normal(jax.random.PRNGKey(0), (size, size), jnp.float32)
+    b = jax.random.normal(jax.random.PRNGKey(1), (size, size), jnp.float32)
+    mm = jax.jit(jnp.matmul)
+    jax.block_until_ready(mm(a, b))
+    t, _ = _median_time(lambda: mm(a, b), repeats)
+    return 2.0 * size**3 / t
+
+
+def run(
+    *,
+    quick: bool = False,
+    tiles: Sequence[int] = (64, 256),
+    outputs: Sequence[str] = ("full", "trace"),
+    strategies: Sequence[str] = tuple(STRATEGIES),
+    names: Sequence[str] | None = None,
+    repeats: int = 3,
+    memory_budget: float = 8 * 2**30,
+    max_seconds: float = 60.0,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run the benchmark and return its results as a JSON-able dict."""
+    rate = gemm_rate()
+    log(f"float32 GEMM rate: {rate / 1e9:.1f} GFLOP/s")
+    rows = []
+    for name, (fn, params, shape) in cases(quick).items():
+        if names and name not in names:
+            continue
+        model = Model(fn)
+        for tile in tiles:
+            x1 = jax.random.normal(jax.random.PRNGKey(2), (tile, *shape), jnp.float32)
+            x2 = jax.random.normal(jax.random.PRNGKey(3), (tile, *shape), jnp.float32)
+            for output in outputs:
+                for sname in strategies:
+                    row = _one(
+                        model,
+                        params,
+                        x1,
+                        x2,
+                        output,
+                        sname,
+                        rate,
+                        repeats,
+                        memory_budget,
+                        max_seconds,
+                    )
+                    row |= {"case": name, "tile": tile, "output": output}
+                    rows.append(row)
+                    log(_format_row(row))
+    return {
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(),
+            "jax": jax.__version__,
+            "backend": jax.default_backend(),
+            "devices": [str(d) for d in jax.devices()],
+        },
+        "gemm_flops_per_s": rate,
+        "repeats": repeats,
+        "results": rows,
+    }
+
+
+def _one(
+    model: Model,
+    params: Any,
+    x1: jax.Array,
+    x2: jax.Array,
+    output: str,
+    sname: str,
+    rate: float,
+    repeats: int,
+    memory_budget: float,
+    max_seconds: float,
+) -> dict[str, Any]:
+    strategy = get(sname)
+    n1, n2 = x1.shape[0], x2.shape[0]
+    cost = strategy.cost(model, params, x1, n1, n2, output)
+    row: dict[str, Any] = {
+        "strategy": sname,
+        "predicted_flops": cost.flops,
+        "predicted_bytes": cost.bytes,
+    }
+    predicted_s = cost.flops / rate
+    if cost.bytes > memory_budget:
+        return row | {"skipped": f"predicted memory {cost.bytes / 2**30:.1f} GiB"}
+    if predicted_s > max_seconds:
+        return row | {"skipped": f"predicted {predicted_s:.0f} s at the GEMM rate"}
+    t0 = time.perf_counter()
+    jax.block_until_ready(strategy.tile(model, params, x1, x2, output))
+    compile_s = time.perf_counter() - t0
+    median, times = _median_time(
+        lambda: strategy.tile(model, params, x1, x2, output), repeats
+    )
+    return row | {
+        "seconds": median,
+        "times": times,
+        "compile_seconds": compile_s,
+        "fraction_of_gemm": cost.flops / median / rate,
+    }
+
+
+def _format_row(row: dict[str, Any]) -> str:
+    head = (f"{row['case']:<20} tile {row['tile']:>4} {row['output']:<6} "
+            f"{row['strategy']:<11}")
+    if "skipped" in row:
+        return f"{head} skipped: {row['skipped']}"
+    return (
+        f"{head} {row['seconds']:9.4f} s  {row['predicted_flops'] / 1e9:9.2f} GFLOP  "
+        f"{100 * row['fraction_of_gemm']:5.1f}% of GEMM"
+    )
+
+
+def table(result: dict[str, Any]) -> str:
+    """A readable table with ``structured``'s speed-up over ``jacobian``."""
+    lines = [
+        f"float32 GEMM rate: {result['gemm_flops_per_s'] / 1e9:.1f} GFLOP/s "
+        f"({result['machine']['cpus']} CPUs, {result['machine']['backend']})",
+        f"{'case':<20} {'tile':>4} {'output':<6} "
+        + " ".join(f"{s:>12}" for s in STRATEGIES)
+        + f" {'speed-up':>9}",
+    ]
+    groups: dict[tuple[str, int, str], dict[str, Any]] = {}
+    for row in result["results"]:
+        groups.setdefault((row["case"], row["tile"], row["output"]), {})[
+            row["strategy"]
+        ] = row
+    for (case, tile, output), by in groups.items():
+        cells = []
+        for s in STRATEGIES:
+            r = by.get(s)
+            cells.append(
+                f"{'-':>12}"
+                if r is None or "seconds" not in r
+                else f"{r['seconds']:>10.4f} s"
+            )
+        sj, ss = by.get("jacobian", {}), by.get("structured", {})
+        speed = (
+            f"{sj['seconds'] / ss['seconds']:>8.1f}x"
+            if "seconds" in sj and "seconds" in ss
+            else f"{'-':>9}"
+        )
+        lines.append(
+            f"{case:<20} {tile:>4} {output:<6} " + " ".join(cells) + f" {speed}"
+        )
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The benchmark's command-line options."""
+    parser.add_argument("--quick", action="store_true", help="small cases (a minute)")
+    parser.add_argument("--tiles", default="64,256", help="tile sizes, comma-separated")
+    parser.add_argument("--outputs", default="full,trace")
+    parser.add_argument("--strategies", default=",".join(STRATEGIES))
+    parser.add_argument("--cases", default="", help="case names (default: all)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--max-seconds",
+        type=float,
+        default=60.0,
+        help="skip runs predicted to take longer",
+    )
+    parser.add_argument(
+        "--json",
+        default="bench-results/kernels.json",
+        help="where to write the JSON results",
+    )
+
+
+def main_from_args(args: argparse.Namespace) -> int:
+    """Run with parsed arguments; print the table and write the JSON."""
+    result = run(
+        quick=args.quick,
+        tiles=[int(t) for t in args.tiles.split(",")],
+        outputs=args.outputs.split(","),
+        strategies=args.strategies.split(","),
+        names=[c for c in args.cases.split(",") if c] or None,
+        repeats=args.repeats,
+        max_seconds=args.max_seconds,
+    )
+    print()
+    print(table(result))
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as fh:
+        json.dump(result, fh, indent=2)
+    print(f"\nwrote {args.json}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m ntkdist.bench``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m ntkdist.bench", description=__doc__
+    )
+    add_arguments(parser)
+    return main_from_args(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
