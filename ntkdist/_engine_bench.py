@@ -98,8 +98,9 @@ def _cluster(n_workers: int) -> Any:
     return cluster, Client(cluster)
 
 
-def bench_overhead(tmp: str, quick: bool) -> dict[str, float]:
+def bench_overhead(tmp: str, quick: bool, output: str) -> dict[str, float]:
     """Engine (Dask + Zarr, 1 worker) vs plain in-process loops over the same tiles."""
+    tmp = tempfile.mkdtemp(prefix=f"overhead-{output}-", dir=tmp)
     from .executors import InputSource, TileSpec, compute_block
     from .kernels import get
 
@@ -107,11 +108,11 @@ def bench_overhead(tmp: str, quick: bool) -> dict[str, float]:
     strategy = get("structured")
     model = ntkdist.Model(f)
     grid = 2 if quick else 4
-    tile = calibrate_tile(model, p, 32, "full", 1.0)
+    tile = calibrate_tile(model, p, 32, output, 1.0)
     rng = np.random.default_rng(0)
     n = grid * tile
     x1, x2 = rng.normal(size=(n, 32)), rng.normal(size=(n, 32))
-    plan = ntkdist.plan(f, p, x1, x2, output="full", strategy="structured", tile=tile)
+    plan = ntkdist.plan(f, p, x1, x2, output=output, strategy="structured", tile=tile)
     tiles = plan.tiles()
 
     def naive_loop() -> float:
@@ -122,7 +123,7 @@ def bench_overhead(tmp: str, quick: bool) -> dict[str, float]:
                 p,
                 jnp.asarray(x1[t.rows[0] : t.rows[1]]),
                 jnp.asarray(x2[t.cols[0] : t.cols[1]]),
-                "full",
+                output,
             )
             np.asarray(k)
         return time.perf_counter() - t0
@@ -142,7 +143,7 @@ def bench_overhead(tmp: str, quick: bool) -> dict[str, float]:
         store=src,
         x1=InputSource(src, "x1"),
         x2=InputSource(src, "x2"),
-        output="full",
+        output=output,
         strategy=strategy,
         tile_rows=tile,
         tile_cols=tile,
@@ -170,7 +171,7 @@ def bench_overhead(tmp: str, quick: bool) -> dict[str, float]:
             x1[: 2 * tile],
             x2[: 2 * tile],
             store=os.path.join(tmp, "warm.zarr"),
-            output="full",
+            output=output,
             strategy="structured",
             tile=tile,
             client=client,
@@ -183,7 +184,7 @@ def bench_overhead(tmp: str, quick: bool) -> dict[str, float]:
             x1,
             x2,
             store=os.path.join(tmp, "overhead.zarr"),
-            output="full",
+            output=output,
             strategy="structured",
             tile=tile,
             client=client,
@@ -201,7 +202,7 @@ def bench_overhead(tmp: str, quick: bool) -> dict[str, float]:
         x1,
         x2,
         store=cold,
-        output="full",
+        output=output,
         strategy="structured",
         tile=tile,
         workers=1,
@@ -222,16 +223,17 @@ def bench_overhead(tmp: str, quick: bool) -> dict[str, float]:
     }
 
 
-def bench_symmetric(tmp: str, quick: bool) -> dict[str, float]:
+def bench_symmetric(tmp: str, quick: bool, output: str) -> dict[str, float]:
     """``x2=None`` versus the same kernel computed as a rectangular job."""
+    tmp = tempfile.mkdtemp(prefix=f"symmetric-{output}-", dir=tmp)
     f, p = make_mlp(d=32, width=256, out=10)
-    tile = calibrate_tile(ntkdist.Model(f), p, 32, "full", 0.5)
+    tile = calibrate_tile(ntkdist.Model(f), p, 32, output, 0.5)
     n = tile * (4 if quick else 6)
     x = np.random.default_rng(1).normal(size=(n, 32))
     cluster, client = _cluster(2)
     try:
         kw = {
-            "output": "full",
+            "output": output,
             "strategy": "structured",
             "tile": tile,
             "client": client,
@@ -314,6 +316,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="smaller sizes")
     parser.add_argument("--sections", default="overhead,symmetric,memory")
     parser.add_argument("--dir", help="scratch directory (default: a temporary one)")
+    parser.add_argument(
+        "--outputs", default="trace,full", help="output forms of overhead, symmetric"
+    )
     args = parser.parse_args(argv)
     jax.config.update("jax_enable_x64", True)
     tmp = args.dir or tempfile.mkdtemp(prefix="ntkdist-bench-")
@@ -322,16 +327,23 @@ def main(argv: list[str] | None = None) -> None:
         f"ntkdist engine benchmark, {os.cpu_count()} CPUs, load "
         f"{os.getloadavg()[0]:.1f}, scratch {tmp}"
     )
-    if "overhead" in sections:
-        r = bench_overhead(tmp, args.quick)
-        print("\n== engine overhead (1 worker, tiles of about 1 s, full output) ==")
-        for k, v in r.items():
-            print(f"  {k:<26} {v:.3f}" if isinstance(v, float) else f"  {k:<26} {v}")
-    if "symmetric" in sections:
-        r = bench_symmetric(tmp, args.quick)
-        print("\n== symmetric savings (2 workers, full, tiles of about 0.5 s) ==")
-        for k, v in r.items():
-            print(f"  {k:<26} {v:.4g}" if isinstance(v, float) else f"  {k:<26} {v}")
+    for output in args.outputs.split(","):
+        if "overhead" in sections:
+            r = bench_overhead(tmp, args.quick, output)
+            print(f"\n== engine overhead (1 worker, tiles of about 1 s, {output}) ==")
+            for k, v in r.items():
+                print(
+                    f"  {k:<26} {v:.3f}" if isinstance(v, float) else f"  {k:<26} {v}"
+                )
+        if "symmetric" in sections:
+            r = bench_symmetric(tmp, args.quick, output)
+            print(
+                f"\n== symmetric savings (2 workers, tiles of about 0.5 s, {output}) =="
+            )
+            for k, v in r.items():
+                print(
+                    f"  {k:<26} {v:.4g}" if isinstance(v, float) else f"  {k:<26} {v}"
+                )
     if "memory" in sections:
         print("\n== peak RSS per worker vs plan (2 workers, trace, MLP 16-64-64-4) ==")
         print(

@@ -188,7 +188,7 @@ def compute_block(tile: Tile, spec: TileSpec, model: Model, params: Any) -> np.n
         )
         k = _contract(spec.strategy, model, spec.output, False, params, f1, f2)
     r, c = tile.shape
-    return np.asarray(k)[:r, :c].astype(spec.dtype)
+    return np.asarray(k)[:r, :c].astype(spec.dtype, copy=False)
 
 
 def run_tile(
