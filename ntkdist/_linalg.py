@@ -63,13 +63,91 @@ def _systems(output: str, arr: np.ndarray) -> list[np.ndarray]:
     return [arr[:, 0, :]]
 
 
+BLOCK = 2048
+"""Side of the blocks of :func:`cholesky` and :func:`cho_solve`.
+
+Every BLAS and LAPACK call they make is at most ``BLOCK`` on each side: the
+threaded OpenBLAS shipped in numpy/scipy wheels (0.3.34 on this project's
+machines) segfaults in ``dpotrf`` and ``dgemm`` on 20000-wide float64
+operands, and blocking also bounds the temporaries.
+"""
+
+
+def cholesky(a: np.ndarray, block: int = BLOCK) -> np.ndarray:
+    """Lower Cholesky factor of ``a``, computed in place, right-looking by blocks.
+
+    Raises:
+        numpy.linalg.LinAlgError: ``a`` is not positive definite.
+
+    Example:
+        >>> import numpy as np
+        >>> a = np.array([[4.0, 2.0], [2.0, 3.0]])
+        >>> np.allclose(cholesky(a.copy(), block=1) @ cholesky(a.copy()).T, a)
+        True
+    """
+    n = a.shape[0]
+    for k in range(0, n, block):
+        e = min(n, k + block)
+        lkk = scipy.linalg.cholesky(a[k:e, k:e], lower=True, check_finite=False)
+        a[k:e, k:e] = lkk
+        for i in range(e, n, block):
+            g = min(n, i + block)
+            a[i:g, k:e] = scipy.linalg.solve_triangular(
+                lkk, a[i:g, k:e].T, lower=True, check_finite=False
+            ).T
+        for j in range(e, n, block):
+            f = min(n, j + block)
+            lj = a[j:f, k:e]
+            for i in range(j, n, block):
+                g = min(n, i + block)
+                a[i:g, j:f] -= a[i:g, k:e] @ lj.T
+    return _tril_inplace(a, block)
+
+
+def _tril_inplace(a: np.ndarray, block: int) -> np.ndarray:
+    """Zero the strict upper triangle, one block row at a time."""
+    n = a.shape[0]
+    for k in range(0, n, block):
+        e = min(n, k + block)
+        a[k:e, k:e] = np.tril(a[k:e, k:e])
+        a[k:e, e:] = 0.0
+    return a
+
+
+def solve_lower(lower: np.ndarray, b: np.ndarray, block: int = BLOCK) -> np.ndarray:
+    """Solve ``L y = b`` by blocked forward substitution."""
+    n = lower.shape[0]
+    y = np.array(b, dtype=np.float64)
+    for k in range(0, n, block):
+        e = min(n, k + block)
+        for j in range(0, k, block):
+            y[k:e] -= lower[k:e, j : j + block] @ y[j : j + block]
+        y[k:e] = scipy.linalg.solve_triangular(
+            lower[k:e, k:e], y[k:e], lower=True, check_finite=False
+        )
+    return y
+
+
+def cho_solve(lower: np.ndarray, b: np.ndarray, block: int = BLOCK) -> np.ndarray:
+    """Solve ``L Lᵀ x = b`` by blocked forward and back substitution."""
+    n = lower.shape[0]
+    y = solve_lower(lower, b, block)
+    for k in reversed(range(0, n, block)):
+        e = min(n, k + block)
+        for j in range(e, n, block):
+            g = min(n, j + block)
+            y[k:e] -= lower[j:g, k:e].T @ y[j:g]
+        y[k:e] = scipy.linalg.solve_triangular(
+            lower[k:e, k:e], y[k:e], lower=True, trans="T", check_finite=False
+        )
+    return y
+
+
 def _factor(mat: np.ndarray, shift: float, name: str) -> tuple[np.ndarray, bool]:
     a = mat.copy()
     a[np.diag_indices_from(a)] += shift
     try:
-        return scipy.linalg.cho_factor(
-            a, lower=True, overwrite_a=True, check_finite=False
-        )
+        return cholesky(a), True
     except np.linalg.LinAlgError as err:
         raise SolverError(
             f"{name} plus ridge {shift:g} is not positive definite (Cholesky failed: "
@@ -98,9 +176,7 @@ def dense_solve(source: KernelSource, b: np.ndarray, shifts: np.ndarray) -> Solv
         for u in np.unique(shifts):
             cols = np.flatnonzero(shifts == u)
             factor = _factor(mat, float(u), source.name)
-            xs[:, cols] = scipy.linalg.cho_solve(
-                factor, bs[:, cols], check_finite=False
-            )
+            xs[:, cols] = cho_solve(factor[0], bs[:, cols])
         res = bs - mat @ xs - xs * shifts
         sq_res += np.einsum("ij,ij->j", res, res)
     m = b.shape[2]

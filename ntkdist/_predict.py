@@ -29,7 +29,6 @@ import dataclasses
 from typing import Any, NamedTuple, final
 
 import numpy as np
-import scipy.linalg
 
 from ._kernel_source import (
     KernelInputError,
@@ -39,7 +38,7 @@ from ._kernel_source import (
     match_cross,
     parse_budget,
 )
-from ._linalg import _factor
+from ._linalg import _factor, cho_solve, solve_lower
 from ._ridge import _fit, as_labels
 
 
@@ -244,10 +243,8 @@ class MsePredictor:
         if self._chol is None:
             self._chol = [_factor(m, self.reg, self.source.name) for m in self._dense()]
         fac = self._chol[s]
-        mean = -kc @ scipy.linalg.cho_solve(fac, rhs, check_finite=False)
-        half = scipy.linalg.solve_triangular(
-            fac[0], kc.T, lower=True, check_finite=False
-        )
+        mean = -kc @ cho_solve(fac[0], rhs)
+        half = solve_lower(fac[0], kc.T)
         return mean, -np.einsum("ij,ij->j", half, half)
 
     def _assemble(

@@ -402,3 +402,20 @@ def test_estimator_is_sklearn_compatible():
     )
     with pytest.raises(KernelInputError, match="not a parameter"):
         est.set_params(alpha=1.0)
+
+
+def test_blocked_cholesky_matches_lapack():
+    from ntkdist._linalg import cho_solve, cholesky
+
+    r = np.random.default_rng(8)
+    f = r.standard_normal((130, 150))
+    a = f @ f.T / 150 + 1e-3 * np.eye(130)
+    b = r.standard_normal((130, 3))
+    lower = cholesky(a.copy(), block=32)  # ragged: 130 = 4 * 32 + 2
+    np.testing.assert_allclose(lower, np.linalg.cholesky(a), atol=1e-10)
+    assert np.all(np.triu(lower, 1) == 0)
+    np.testing.assert_allclose(
+        cho_solve(lower, b, block=32), np.linalg.solve(a, b), rtol=1e-8, atol=1e-8
+    )
+    with pytest.raises(np.linalg.LinAlgError):
+        cholesky(-a, block=32)
