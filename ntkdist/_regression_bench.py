@@ -2,10 +2,11 @@
 
 ``python -m ntkdist._regression_bench [--n 20000] [--chunk 1000] [--path DIR]``
 
-Builds (once) a synthetic NTK-like ``trace`` kernel on disk as a chunked Zarr
-array with NaN fill: ``K = F Fᵀ`` with ``F = relu(X W)/√p`` random ReLU
-features of Gaussian inputs, which like an NTK has one dominant eigenvalue
-and a fast-decaying spectrum. Labels are ``[N, C]`` smooth functions of ``X``
+Builds (once) a synthetic NTK-like ``trace`` kernel on disk as a chunked,
+uncompressed Zarr array with NaN fill (the engine's store layout):
+``K = F Fᵀ`` with ``F = relu(X W)/√p`` random ReLU features of Gaussian
+inputs, which like an NTK has one dominant eigenvalue and a fast-decaying
+spectrum. Labels are ``[N, C]`` smooth functions of ``X``
 plus noise. Then, each in a fresh subprocess so peak memory is its own:
 
 - ``stream``: :func:`ntkdist.regression.kernel_ridge` with ``method="cg"``,
@@ -48,6 +49,7 @@ def build(path: str, n: int, chunk: int, features: int, labels: int, seed: int) 
         chunks=(chunk, chunk),
         dtype="f8",
         fill_value=np.nan,
+        compressors=None,  # as the engine's kernel stores: I/O beats compression
         overwrite=True,
     )
     for r0 in range(0, n, chunk):
