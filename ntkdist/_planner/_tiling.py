@@ -55,9 +55,10 @@ def tiles(
 ) -> tuple[Tile, ...]:
     """All tiles of an ``n1 × n2`` kernel, in row-major order.
 
-    Row-major order keeps consecutive tiles on the same ``x1`` block, so a
-    worker reuses that block's per-sample factors. A symmetric job
-    (``x2=None``) lists only tiles with ``i <= j``.
+    Row-major order finishes the kernel row block by row block, so a reader
+    streaming rows (regression, spectra) can start on a partial store. A
+    symmetric job (``x2=None``) lists only tiles with ``i <= j``, which
+    halves the work.
 
     Args:
         n1: samples of ``x1``.
