@@ -96,7 +96,7 @@ def test_structured_uses_rules_not_only_fallback():
     from ntkdist._model import Model
 
     expect = {  # model -> leaf paths that must be covered by a rule
-        "mlp_relu": {"['w1']", "['w2']", "['w3']"},
+        "mlp_relu": {"['w1']", "['w2']", "['w3']", "['b1']", "['b2']", "['b3']"},
         "cnn": {"['c1']", "['c2']", "['dense']"},
         "cnn_nchw_grouped": {"['c1']", "['dw']", "['head']"},
         "shared_weight": {"['w']", "['out']"},
@@ -104,6 +104,12 @@ def test_structured_uses_rules_not_only_fallback():
         "checkpoint": {"['w1']", "['w2']", "['w3']"},
         "multihead": {"['wq']", "['wk']", "['wo']"},
     }
+    # gram-only: a bias broadcast over a sequence folds into its weight's rule
+    f, p, x1, _ = ZOO["seq_dense"]()
+    groups, fallback = StructuredDerivatives(mode="gram").groups(
+        Model(f), p, jnp.asarray(x1), "full"
+    )
+    assert {g.bias is not None for g in groups} == {True} and not fallback
     import jax
 
     for name, leaves in expect.items():
@@ -114,4 +120,5 @@ def test_structured_uses_rules_not_only_fallback():
         ]
         groups, _ = StructuredDerivatives().groups(Model(f), p, jnp.asarray(x1), "full")
         covered = {paths[g.leaf] for g in groups}
+        covered |= {paths[g.bias.leaf] for g in groups if g.bias is not None}
         assert leaves <= covered, (name, leaves - covered)

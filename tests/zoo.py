@@ -150,6 +150,23 @@ def embedding(p: Any, x: jax.Array) -> jax.Array:
     return jnp.tanh(e.mean(axis=1) @ p["w"])
 
 
+def seq_dense(p: Any, x: jax.Array) -> jax.Array:
+    """A dense layer over each position of a sequence: the bias is broadcast on T."""
+    h = jax.nn.relu(x @ p["w"] + p["b"])  # [n, T, F]
+    return jnp.mean(h, axis=1) @ p["out"] + p["out_b"]
+
+
+def _seq_dense_case() -> Case:
+    k = _keys(13, 6)
+    p = {
+        "w": _normal(k[0], (4, 6), 0.5),
+        "b": _normal(k[1], (6,), 0.2),
+        "out": _normal(k[2], (6, 2)),
+        "out_b": _normal(k[3], (2,), 0.1),
+    }
+    return seq_dense, p, _normal(k[4], (7, 3, 4)), _normal(k[5], (5, 3, 4))
+
+
 def _mlp_relu_case() -> Case:
     k = _keys(0, 8)
     p = {
@@ -301,4 +318,5 @@ ZOO: dict[str, Callable[[], Case]] = {
     "scan": _scan_case,
     "checkpoint": _checkpoint_case,
     "embedding": _embedding_case,
+    "seq_dense": _seq_dense_case,
 }

@@ -173,6 +173,31 @@ class _Group:
     leaf: int
     uses: tuple[_walk.Use, ...]
     gram: bool
+    bias: _walk.Bias | None = None  # a bias folded into this gram rule
+
+
+def _bias_fits(use: _walk.Use, bias: _walk.Bias) -> bool:
+    """Whether ``bias`` lies along the weight's output features ``F`` of ``use``."""
+    lay = _layout(use)
+    if lay.signature is None or lay.b != 1:
+        return False
+    if use.primitive == "dot_general":
+        wc, ac, wb, _ = _dot_axes(use)
+        if wb:
+            return False
+        n_af = len(use.act_shape) - len(ac)
+        n_wf = len(use.weight_shape) - len(wc)
+        first = n_af if use.weight_pos == 1 else 0
+        features = set(range(first, first + n_wf))
+    else:
+        features = {use.params["dimension_numbers"].out_spec[1]}
+    if len(bias.shape) != len(use.out_shape):
+        return False
+    # Varies exactly along the features (in their order), constant elsewhere.
+    return all(
+        bias.shape[d] == (n if d in features else 1)
+        for d, n in enumerate(use.out_shape)
+    )
 
 
 def _pairs(output: str, o: int) -> int:
@@ -242,7 +267,8 @@ class StructuredDerivatives(AbstractKernelStrategy):
                 self.mode == "gram" or (self.mode == "auto" and gram <= rows)
             )
             groups.append(_Group(leaf, tuple(uses), use_gram))
-        covered = {g.leaf for g in groups}
+        groups = _fold_biases(an, groups, set(by_leaf))
+        covered = {g.leaf for g in groups} | {g.bias.leaf for g in groups if g.bias}
         fallback = [k for k in range(an.n_leaves) if k not in covered]
         return groups, fallback
 
@@ -252,9 +278,13 @@ class StructuredDerivatives(AbstractKernelStrategy):
         an = analysis_for(model, params, x)
         groups, fb = self.groups(model, params, x, output)
         leaves = jax.tree_util.tree_leaves(params)
-        active = frozenset(u.index for g in groups for u in g.uses)
+        active = frozenset(u.index for g in groups for u in g.uses) | {
+            g.bias.index for g in groups if g.bias
+        }
         uses = {u.index: u for u in an.uses}
-        probes = {i: jnp.zeros(uses[i].out_shape, uses[i].dtype) for i in active}
+        probes = {
+            i: jnp.zeros(uses[i].out_shape, uses[i].dtype) for i in active if i in uses
+        }
         fb_leaves = [leaves[k] for k in fb]
 
         def one(xi: jax.Array) -> Any:
@@ -322,6 +352,28 @@ class StructuredDerivatives(AbstractKernelStrategy):
         )
 
 
+def _fold_biases(
+    an: _walk.Analysis, groups: list[_Group], weight_leaves: set[int]
+) -> list[_Group]:
+    """Fold each bias into the gram rule of the one weight use it is added to."""
+    per_leaf: dict[int, list[_walk.Bias]] = {}
+    for b in an.biases:
+        per_leaf.setdefault(b.leaf, []).append(b)
+    by_use = {
+        g.uses[0].index: i for i, g in enumerate(groups) if g.gram and len(g.uses) == 1
+    }
+    out = list(groups)
+    for leaf, found in sorted(per_leaf.items()):
+        if len(found) != 1 or leaf in an.fallback or leaf in weight_leaves:
+            continue
+        (b,) = found
+        i = by_use.get(b.partner)
+        if i is None or out[i].bias is not None or not _bias_fits(out[i].uses[0], b):
+            continue
+        out[i] = dataclasses.replace(out[i], bias=b)
+    return out
+
+
 def _sample_factors(
     groups: Sequence[_Group],
     acts: dict[int, jax.Array],
@@ -334,6 +386,10 @@ def _sample_factors(
     for g in groups:
         if g.gram:
             a = [_scale(_canon_act(u, acts[u.index]), scales[u.index]) for u in g.uses]
+            if g.bias is not None:  # Σ (a1·a2 + s²) <δ1, δ2>: one more column
+                s = scales.get(g.bias.index)
+                ones = jnp.ones((*a[0].shape[:-1], 1), a[0].dtype)
+                a = [jnp.concatenate([a[0], _scale(ones, s)], axis=-1)]
             d = [_canon_delta(u, deltas[u.index]) for u in g.uses]
             grams.append((jnp.concatenate(a, axis=1), jnp.concatenate(d, axis=2)))
         else:

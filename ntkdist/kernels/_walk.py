@@ -73,10 +73,14 @@ class Tag:
         data: the value depends on the model input.
         chain: for values equal to ``scale * L(leaf)``, a hashable
             ``(leaf, ops)`` signature; ``None`` otherwise.
+        spread: for a chain value broadcast along new axes (a bias about to be
+            added), the ``broadcast_dimensions``; such a value has a rule only
+            as an operand of ``add``.
     """
 
     data: bool = False
     chain: tuple[int, tuple[Any, ...]] | None = None
+    spread: tuple[int, ...] | None = None
 
 
 CONST = Tag()
@@ -113,6 +117,30 @@ class Use:
     bind: Callable[..., jax.Array] = dataclasses.field(compare=False, hash=False)
 
 
+@dataclasses.dataclass(frozen=True)
+class Bias:
+    """A (chain of a) leaf added to the output of a weight use: ``z = y + b``.
+
+    The cotangent of ``z`` is the use's delta when ``y`` feeds only this add, so
+    the bias joins its weight's gram rule as one more activation column (the
+    constant ``scale``). Such biases cost nothing beyond their weight.
+
+    Attributes:
+        index: position in walk order (shared with :class:`Use`).
+        leaf: index of the parameter leaf.
+        chain: signature of the ops from leaf to the added value.
+        shape: the added value's shape as seen from ``z``: ``z``'s size along
+            the axes it varies on, 1 along the axes it is constant on.
+        partner: index of the :class:`Use` whose output is ``y``.
+    """
+
+    index: int
+    leaf: int
+    chain: tuple[Any, ...]
+    shape: tuple[int, ...]
+    partner: int
+
+
 @dataclasses.dataclass
 class _Walk:
     """State of one walk: either abstract analysis or a probed evaluation."""
@@ -120,6 +148,9 @@ class _Walk:
     probes: Sequence[jax.Array] | None = None  # indexed by use index
     active: frozenset[int] = frozenset()
     uses: list[Use] = dataclasses.field(default_factory=list)
+    biases: list[Bias] = dataclasses.field(default_factory=list)
+    use_out: dict[Any, int] = dataclasses.field(default_factory=dict)
+    reads: dict[Any, int] = dataclasses.field(default_factory=dict)
     fallback: set[int] = dataclasses.field(default_factory=set)
     acts: dict[int, jax.Array] = dataclasses.field(default_factory=dict)
     scales: dict[int, jax.Array] = dataclasses.field(default_factory=dict)
@@ -140,6 +171,13 @@ class _Walk:
             env[v] = (c, CONST, None)
         for v, a, t, s in zip(jaxpr.invars, args, tags, scales, strict=True):
             env[v] = (a, t, s)
+        for e in jaxpr.eqns:
+            for v in e.invars:
+                if not isinstance(v, jcore.Literal):
+                    self.reads[v] = self.reads.get(v, 0) + 1
+        for v in jaxpr.outvars:
+            if not isinstance(v, jcore.Literal):
+                self.reads[v] = self.reads.get(v, 0) + 1
 
         def read(v: Any) -> tuple[Any, Tag, Any]:
             if isinstance(v, jcore.Literal):
@@ -165,16 +203,31 @@ class _Walk:
         data = any(t.data for t in tags)
         if not chains:
             return [(o, DATA if data else CONST, None) for o in _bind(eqn, vals)]
-        if len(vals) == 1 and (name in _PERMUTING or _is_unit_broadcast(eqn)):
+        if name == "add" and len(chains) == 1 and not tags[1 - chains[0]].chain:
+            biased = self._bias(eqn, vals, tags, scales, chains[0])
+            if biased is not None:
+                return [biased]
+        spread = any(tags[i].spread is not None for i in chains)
+        if spread:
+            pass  # a broadcast chain has no rule but as a bias: fall through
+        elif name == "broadcast_in_dim" and _is_pure_broadcast(eqn):
+            (out,) = _bind(eqn, vals)
+            dims = tuple(eqn.params["broadcast_dimensions"])
+            return [(out, Tag(chain=tags[0].chain, spread=dims), scales[0])]
+        elif len(vals) == 1 and (name in _PERMUTING or _is_unit_broadcast(eqn)):
             (out,) = _bind(eqn, vals)
             leaf, ops = tags[0].chain  # type: ignore[misc]
             sig = (name, tuple(sorted((k, repr(v)) for k, v in eqn.params.items())))
             return [(out, Tag(chain=(leaf, (*ops, sig))), scales[0])]
-        if name in ("mul", "div", "neg") and len(chains) == 1:
+        if name in ("mul", "div", "neg") and len(chains) == 1 and not spread:
             scaled = self._scaled(eqn, vals, tags, scales, chains[0])
             if scaled is not None:
                 return [scaled]
-        if name in ("dot_general", "conv_general_dilated") and len(chains) == 1:
+        if (
+            name in ("dot_general", "conv_general_dilated")
+            and len(chains) == 1
+            and (not spread)
+        ):
             w = chains[0]
             if not (name == "conv_general_dilated" and w == 0):
                 return [self._use(eqn, vals, tags, scales, w)]
@@ -193,6 +246,30 @@ class _Walk:
         for i in chains:
             self.fallback.add(tags[i].chain[0])  # type: ignore[index]
         return [(o, DATA if data else CONST, None) for o in _bind(eqn, vals)]
+
+    def _bias(
+        self, eqn: Any, vals: list[Any], tags: list[Tag], scales: list[Any], b: int
+    ) -> tuple[Any, Tag, Any] | None:
+        other = eqn.invars[1 - b]
+        partner = self.use_out.get(other)
+        if partner is None or self.reads.get(other) != 1:
+            return None
+        (out,) = _bind(eqn, vals)
+        spread = tags[b].spread
+        if spread is not None:
+            shape = tuple(n if d in spread else 1 for d, n in enumerate(out.shape))
+        elif jnp.ndim(vals[b]) == out.ndim:  # add broadcasts size-1 axes itself
+            shape = tuple(jnp.shape(vals[b]))
+        else:
+            return None
+        idx = self.counter
+        self.counter += 1
+        leaf, ops = tags[b].chain  # type: ignore[misc]
+        if self.probes is None:
+            self.biases.append(Bias(idx, leaf, ops, shape, partner))
+        elif idx in self.active:
+            self.scales[idx] = scales[b]
+        return out, DATA, None
 
     def _scaled(
         self, eqn: Any, vals: list[Any], tags: list[Tag], scales: list[Any], w: int
@@ -219,6 +296,7 @@ class _Walk:
         (out,) = _bind(eqn, vals)
         idx = self.counter
         self.counter += 1
+        self.use_out[eqn.outvars[0]] = idx
         leaf, ops = tags[w].chain  # type: ignore[misc]
         act = vals[1 - w]
         if self.probes is None:
@@ -314,6 +392,18 @@ def _is_unit_broadcast(eqn: Any) -> bool:
     return math.prod(v.aval.shape) == math.prod(o.aval.shape)
 
 
+def _is_pure_broadcast(eqn: Any) -> bool:
+    """A broadcast that adds axes without stretching any existing one."""
+    (v,) = eqn.invars
+    (o,) = eqn.outvars
+    dims = eqn.params["broadcast_dimensions"]
+    return (
+        not _is_unit_broadcast(eqn)
+        and all(v.aval.shape[k] == o.aval.shape[d] for k, d in enumerate(dims))
+        and list(dims) == sorted(dims)
+    )
+
+
 def _plain(t: Tag) -> Tag:
     return DATA if t.data else CONST
 
@@ -350,6 +440,7 @@ class Analysis:
 
     jaxpr: jcore.ClosedJaxpr
     uses: tuple[Use, ...]
+    biases: tuple[Bias, ...]
     fallback: frozenset[int]
     n_leaves: int
 
@@ -373,7 +464,13 @@ def analyse(
         return outs
 
     jax.eval_shape(abstract, avals, x_one)
-    return Analysis(closed, tuple(walk.uses), frozenset(walk.fallback), len(leaves))
+    return Analysis(
+        closed,
+        tuple(walk.uses),
+        tuple(walk.biases),
+        frozenset(walk.fallback),
+        len(leaves),
+    )
 
 
 def run(
@@ -403,4 +500,4 @@ def run(
     return out, walk.acts, walk.scales
 
 
-__all__ = ["MAX_UNROLL", "Analysis", "Use", "analyse", "run"]
+__all__ = ["MAX_UNROLL", "Analysis", "Bias", "Use", "analyse", "run"]
