@@ -177,6 +177,7 @@ def dense_solve(source: KernelSource, b: np.ndarray, shifts: np.ndarray) -> Solv
             cols = np.flatnonzero(shifts == u)
             factor = _factor(mat, float(u), source.name)
             xs[:, cols] = cho_solve(factor[0], bs[:, cols])
+            del factor  # one factor at a time: peak memory is twice the kernel
         res = bs - mat @ xs - xs * shifts
         sq_res += np.einsum("ij,ij->j", res, res)
     m = b.shape[2]

@@ -82,7 +82,9 @@ def worker(
             maxiter=5000,
         )
     else:
-        k = np.asarray(z[...])
+        k = np.empty(z.shape)  # read chunk rows into one buffer: no second copy
+        for r0 in range(0, z.shape[0], z.chunks[0]):
+            k[r0 : r0 + z.chunks[0]] = z[r0 : r0 + z.chunks[0]]
         fit = kernel_ridge(k, y, lam, method="cholesky", memory_budget=2**62)
     seconds = time.perf_counter() - start
     np.save(f"{path}/coef_{mode}.npy", fit.coef)
