@@ -15,7 +15,7 @@ and small ones in memory (Cholesky, eigendecomposition). Arithmetic is float64.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, final
 
 import numpy as np
 
@@ -44,6 +44,7 @@ from ._spectrum import (
 )
 
 
+@final
 class KernelRidgeRegressor:
     """A scikit-learn estimator for kernel ridge regression on precomputed NTKs.
 
@@ -60,6 +61,7 @@ class KernelRidgeRegressor:
         tol: see :func:`kernel_ridge`.
         maxiter: see :func:`kernel_ridge`.
         preconditioner: see :func:`kernel_ridge`.
+        rank: see :func:`kernel_ridge`.
         allow_incomplete: see :func:`kernel_ridge`.
 
     Example:
@@ -78,6 +80,7 @@ class KernelRidgeRegressor:
         tol: float = 1e-6,
         maxiter: int = 1000,
         preconditioner: str = "nystrom",
+        rank: int = 300,
         allow_incomplete: bool = False,
     ) -> None:
         self.ridge = ridge
@@ -86,6 +89,7 @@ class KernelRidgeRegressor:
         self.tol = tol
         self.maxiter = maxiter
         self.preconditioner = preconditioner
+        self.rank = rank
         self.allow_incomplete = allow_incomplete
 
     _PARAMS = (
@@ -95,6 +99,7 @@ class KernelRidgeRegressor:
         "tol",
         "maxiter",
         "preconditioner",
+        "rank",
         "allow_incomplete",
     )
 
@@ -114,7 +119,7 @@ class KernelRidgeRegressor:
         return self
 
     def __repr__(self) -> str:
-        """Show the non-default parameters, as scikit-learn does."""
+        """Show the parameters."""
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
         return f"KernelRidgeRegressor({args})"
 
@@ -141,6 +146,7 @@ class KernelRidgeRegressor:
             tol=self.tol,
             maxiter=self.maxiter,
             preconditioner=self.preconditioner,
+            rank=self.rank,
             allow_incomplete=self.allow_incomplete,
         )
         self.dual_coef_ = self.solution_.coef[0]

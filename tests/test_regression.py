@@ -419,3 +419,16 @@ def test_blocked_cholesky_matches_lapack():
     )
     with pytest.raises(np.linalg.LinAlgError):
         cholesky(-a, block=32)
+
+
+def test_estimator_streams_a_zarr_kernel(tmp_path):
+    k = reduce(features_kernel(50, p=80, seed=9), "trace")
+    y = np.random.default_rng(4).standard_normal((40, 2))
+    z = to_zarr(tmp_path / "k", np.ascontiguousarray(k[:40, :40]), 16)
+    cross = to_zarr(tmp_path / "c", np.ascontiguousarray(k[40:, :40]), 16)
+    est = KernelRidgeRegressor(ridge=0.05, method="cg", tol=1e-12, rank=10).fit(z, y)
+    assert est.solution_.method == "cg"
+    expected = KernelRidge(alpha=0.05, kernel="precomputed").fit(k[:40, :40], y)
+    np.testing.assert_allclose(
+        est.predict(cross), expected.predict(k[40:, :40]), atol=1e-8
+    )
