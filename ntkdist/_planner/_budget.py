@@ -136,8 +136,7 @@ class CostModel:
         """Predicted peak resident bytes of a worker running ``n1 × n2`` tiles.
 
         The process baseline, the strategy's arrays with XLA's temporaries,
-        the copies of the output tile, and the two
-        input blocks.
+        the copies of the output tile, and the two input blocks.
         """
         out_tile = n1 * n2 * self.out_items * self.itemsize
         inputs = (n1 + n2) * self.feature_bytes
