@@ -291,6 +291,7 @@ def plot_spectrum(
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError as err:
         raise KernelInputError(
             "plotting the spectrum needs matplotlib; install it with "
@@ -309,6 +310,7 @@ def plot_spectrum(
             label=f"smallest {spec.smallest:.3g}",
         )
     ax.set_xlabel("index k")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("eigenvalue λ_k")
     ax.set_title(
         title or f"{spec.output} NTK spectrum (size {spec.size}, {spec.method})"
