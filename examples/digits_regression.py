@@ -83,27 +83,29 @@ def main() -> None:
     params = init_mlp(jax.random.PRNGKey(0), [64, args.width, args.width, 10])
     targets = np.eye(10)[y_tr] - 0.1  # centred one-hot, as in neural-tangents' examples
 
-    root = tempfile.mkdtemp(prefix="ntkdist-digits-")
     rows, kernels = [], {}
-    for output in ("full", "trace", "pntk"):
-        start = time.perf_counter()
-        kw = {"output": output, "executor": args.executor, "progress": False}
-        train = ntkdist.compute(mlp, params, x_tr, store=f"{root}/{output}-train", **kw)
-        cross = ntkdist.compute(
-            mlp, params, x_te, x_tr, store=f"{root}/{output}-test", **kw
-        )
-        t_kernel = time.perf_counter() - start
-        src = ntkdist.regression.as_kernel(train)
-        ridge = args.ridge * float(src.diagonal().mean())
-        start = time.perf_counter()
-        fit = kernel_ridge(train, targets, ridge)
-        preds = fit.predict(cross)[0]
-        t_fit = time.perf_counter() - start
-        m = metrics(y_te, preds + 0.1)
-        rows.append(
-            (output, train.kernel.shape, m["accuracy"], m["mse"], t_kernel, t_fit)
-        )
-        kernels[output] = np.asarray(train.kernel[...])
+    with tempfile.TemporaryDirectory(prefix="ntkdist-digits-") as root:
+        for output in ("full", "trace", "pntk"):
+            start = time.perf_counter()
+            kw = {"output": output, "executor": args.executor, "progress": False}
+            train = ntkdist.compute(
+                mlp, params, x_tr, store=f"{root}/{output}-train", **kw
+            )
+            cross = ntkdist.compute(
+                mlp, params, x_te, x_tr, store=f"{root}/{output}-test", **kw
+            )
+            t_kernel = time.perf_counter() - start
+            src = ntkdist.regression.as_kernel(train)
+            ridge = args.ridge * float(src.diagonal().mean())
+            start = time.perf_counter()
+            fit = kernel_ridge(train, targets, ridge)
+            preds = fit.predict(cross)[0]
+            t_fit = time.perf_counter() - start
+            m = metrics(y_te, preds + 0.1)
+            rows.append(
+                (output, train.kernel.shape, m["accuracy"], m["mse"], t_kernel, t_fit)
+            )
+            kernels[output] = np.asarray(train.kernel[...])
 
     print(
         f"digits: {args.train} train / {args.test} test, MLP 64-{args.width}-"
