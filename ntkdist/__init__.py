@@ -3,8 +3,9 @@
 Public names live here; code lives in underscored modules.
 """
 
-from . import kernels as kernels
+from . import kernels as kernels, regression as regression
 from ._api import ntk as ntk
+from ._compute import compute as compute, open as open, plan as plan
 from ._errors import (
     ExecutionError as ExecutionError,
     InputError as InputError,
@@ -16,8 +17,22 @@ from ._errors import (
     StoreLockedError as StoreLockedError,
 )
 from ._model import Model as Model
+from ._planner import Plan as Plan
+from .regression import (
+    FingerprintMismatchError as FingerprintMismatchError,
+    GpPrediction as GpPrediction,
+    IncompleteKernelError as IncompleteKernelError,
+    KernelInputError as KernelInputError,
+    KernelRidgeRegressor as KernelRidgeRegressor,
+    KernelRidgeSolution as KernelRidgeSolution,
+    MsePredictor as MsePredictor,
+    SolverError as SolverError,
+    Spectrum as Spectrum,
+    gradient_descent_mse as gradient_descent_mse,
+    kernel_ridge as kernel_ridge,
+    plot_spectrum as plot_spectrum,
+    spectrum as spectrum,
+)
+from .storage import KernelStore as KernelStore
 
 __version__ = "0.1.0"
-from ._compute import compute as compute, open as open, plan as plan
-from ._planner import Plan as Plan
-from .storage import KernelStore as KernelStore
