@@ -93,7 +93,11 @@ def _array(root: str, path: str, mode: str, job: str) -> zarr.Array:
     key = (root, path, mode, job)
     with _lock:
         if key not in _arrays:
-            _arrays[key] = zarr.open_array(store=root, path=path, mode=mode)
+            # Tiles are never all NaN (the fill), so skip zarr's emptiness scan.
+            config = {"write_empty_chunks": True} if mode != "r" else None
+            _arrays[key] = zarr.open_array(
+                store=root, path=path, mode=mode, config=config
+            )
             while len(_arrays) > ARRAY_CACHE_SIZE:
                 _arrays.popitem(last=False)
         return _arrays[key]

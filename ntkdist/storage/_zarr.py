@@ -50,17 +50,17 @@ def is_url(path: str) -> bool:
 
 
 def checksum(block: np.ndarray) -> int:
-    """A nonzero 64-bit checksum of an array's C-order bytes: CRC-32 and Adler-32.
+    """A nonzero 64-bit checksum of an array's C-order bytes: length and CRC-32.
 
-    Fast enough (about 1 GB/s, no copy) to add little to a tile's write;
-    it detects truncated, altered or swapped chunks, not deliberate tampering.
+    Fast (several GB/s, no copy) so it adds little to a tile's write; it
+    detects truncated, altered or swapped chunks, not deliberate tampering.
 
     Example:
         >>> checksum(np.zeros(3)) == checksum(np.zeros(3)) != checksum(np.ones(3))
         True
     """
     raw = memoryview(np.ascontiguousarray(block)).cast("B")
-    return ((zlib.crc32(raw) << 32) | zlib.adler32(raw)) or 1
+    return (((raw.nbytes & 0xFFFFFFFF) << 32) | zlib.crc32(raw)) or 1
 
 
 def mirror_block(block: np.ndarray, output: str) -> np.ndarray:
