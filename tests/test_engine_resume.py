@@ -288,7 +288,7 @@ def test_killed_worker_process_the_job_completes_right(tmp_path):
         "b1": rng.normal(size=64),
         "w2": rng.normal(size=(64, 4)) / 8,
     }
-    x = rng.normal(size=(96, 8))
+    x = rng.normal(size=(160, 8))
     with (
         LocalCluster(
             n_workers=2,
@@ -325,8 +325,11 @@ def test_killed_worker_process_the_job_completes_right(tmp_path):
         while _markers(tmp_path / "k.zarr") < 3:
             assert thread.is_alive() and time.monotonic() < deadline
             time.sleep(0.01)
-        busy = {w: ts for w, ts in client.processing().items() if ts}
-        victim = next(iter(busy))
+        victim = None
+        while victim is None:  # a worker in the middle of a tile
+            assert thread.is_alive() and time.monotonic() < deadline
+            busy = [w for w, ts in client.processing().items() if ts]
+            victim = busy[0] if busy else None
         os.kill(pids[victim], signal.SIGKILL)
         killed_at = _markers(tmp_path / "k.zarr")
         thread.join(timeout=240)
