@@ -15,7 +15,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from .._model import Model
 from .._planner import Tile
 from ._base import AbstractExecutor, OnDone
-from ._task import TileSpec, run_tile
+from ._task import ByValue, TileSpec, run_tile
 
 # Futures in flight per worker thread: enough to keep workers busy, few
 # enough that an interrupted job loses little.
@@ -168,7 +168,8 @@ class DaskExecutor(AbstractExecutor):
         client = self.client
         if not todo:
             return []
-        [shared] = client.scatter([(model, params)], broadcast=True, hash=False)
+        payload = ByValue.of(model, params)
+        [shared] = client.scatter([payload], broadcast=True, hash=False)
         fp8 = spec.fingerprint[:8]
         window = self.window or WINDOW_PER_THREAD * self.n_workers
         pending = iter(todo)

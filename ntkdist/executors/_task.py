@@ -137,14 +137,55 @@ def compute_block(tile: Tile, spec: TileSpec, model: Model, params: Any) -> np.n
     return np.asarray(k)[:r, :c].astype(spec.dtype, copy=False)
 
 
+@dataclasses.dataclass(frozen=True)
+class ByValue:
+    """``(model, params)`` pickled by value on the client, with cloudpickle.
+
+    distributed pickles scattered data by reference, so a model defined in a
+    file the workers cannot import (``ntkdist compute path/model.py:factory``)
+    would fail to load there. Pickling it here, by value, ships its code too.
+    """
+
+    data: bytes
+    digest: str
+
+    @classmethod
+    def of(cls, model: Model, params: Any) -> ByValue:
+        """Serialise ``(model, params)``, remembering a digest for the cache."""
+        import hashlib
+
+        import cloudpickle
+
+        data = cloudpickle.dumps((model, params))
+        return cls(data, hashlib.sha256(data).hexdigest())
+
+
+_loaded: OrderedDict[str, tuple[Model, Any]] = OrderedDict()
+_loaded_lock = threading.Lock()
+
+
+def _load(payload: ByValue | tuple[Model, Any]) -> tuple[Model, Any]:
+    """Unpickle a payload once per worker process (later tasks reuse it)."""
+    if not isinstance(payload, ByValue):
+        return payload
+    import pickle
+
+    with _loaded_lock:
+        if payload.digest not in _loaded:
+            _loaded[payload.digest] = pickle.loads(payload.data)
+            while len(_loaded) > 4:
+                _loaded.popitem(last=False)
+        return _loaded[payload.digest]
+
+
 def run_tile(
-    tile: Tile, spec: TileSpec, model_params: tuple[Model, Any]
+    tile: Tile, spec: TileSpec, model_params: ByValue | tuple[Model, Any]
 ) -> tuple[int, int]:
     """Compute one tile and write it (and its mirror); return the checksums.
 
     Idempotent: run twice, it writes the same bytes, so retries are safe.
     """
-    model, params = model_params
+    model, params = _load(model_params)
     model = canonical_model(spec.model_key, model)
     block = compute_block(tile, spec, model, params)
     kernel = _array(spec.store, "kernel", "r+", spec.fingerprint)
