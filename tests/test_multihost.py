@@ -281,9 +281,5 @@ def test_job_completes_when_a_worker_link_is_cut(hosts, tmp_path):
     assert store.complete
     want = ntkdist.ntk(_mlp, params, x, output="trace")
     np.testing.assert_allclose(np.asarray(store.kernel[...]), want, rtol=1e-12)
-    if error is not None:
-        pytest.xfail(
-            "a worker lost mid-run failed the job instead of its tiles being "
-            f"recomputed elsewhere ({type(error).__name__}: {error}); the resumed "
-            "run completed correctly"
-        )
+    # The lost worker's tiles were run again on the other host: one run finished.
+    assert error is None, f"the job failed after the cut: {error!r}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sys
@@ -10,7 +11,10 @@ from itertools import islice
 from typing import Any, TextIO, final
 
 from distributed import Client, LocalCluster, as_completed
+from distributed.client import FutureCancelledError
+from distributed.comm.core import CommClosedError
 from distributed.diagnostics.plugin import WorkerPlugin
+from distributed.scheduler import KilledWorker
 
 from .._model import Model
 from .._planner import Tile
@@ -22,6 +26,8 @@ from ._task import ByValue, TileSpec, run_tile
 WINDOW_PER_THREAD = 2
 # Times a failed tile task is retried before the job reports it.
 RETRIES = 3
+# Times a tile is submitted again after its worker was lost mid-tile.
+LOST_RESUBMITS = 3
 
 
 def jax_worker_env(x64: bool) -> dict[str, str]:
@@ -169,7 +175,7 @@ class DaskExecutor(AbstractExecutor):
         if not todo:
             return []
         payload = ByValue.of(model, params)
-        [shared] = client.scatter([payload], broadcast=True, hash=False)
+        box = {"shared": client.scatter([payload], broadcast=True, hash=False)[0]}
         fp8 = spec.fingerprint[:8]
         window = self.window or WINDOW_PER_THREAD * self.n_workers
         pending = iter(todo)
@@ -178,13 +184,17 @@ class DaskExecutor(AbstractExecutor):
         failures: list[tuple[Tile, BaseException]] = []
         queue = as_completed()
 
+        attempts: dict[Tile, int] = {}
+
         def submit(tile: Tile) -> None:
+            n = attempts.get(tile, 0)
+            suffix = f"-r{n}" if n else ""
             fut = client.submit(
                 run_tile,
                 tile,
                 spec,
-                shared,
-                key=f"ntk-{fp8}-{tile.i}-{tile.j}",
+                box["shared"],
+                key=f"ntk-{fp8}-{tile.i}-{tile.j}{suffix}",
                 pure=False,
                 retries=self.retries,
                 resources=self.resources,
@@ -199,19 +209,49 @@ class DaskExecutor(AbstractExecutor):
             for fut in queue:
                 tile = owner.pop(fut.key)
                 del inflight[fut.key]
+                value, err = None, None
                 if fut.status == "finished":
-                    on_done(tile, fut.result())
+                    try:  # its result may have lived on a worker that is gone
+                        value = fut.result()
+                    except Exception as e:
+                        err = e
                 else:
-                    failures.append((tile, _error_of(fut)))
+                    err = _error_of(fut)
+                lost = err is not None and _lost(fut, err)
                 fut.release()
+                if err is None:
+                    on_done(tile, value)
+                elif lost and attempts.get(tile, 0) < LOST_RESUBMITS:
+                    # The tile's worker went away (its link was cut, it was
+                    # killed): tiles are idempotent, so run it again elsewhere.
+                    attempts[tile] = attempts.get(tile, 0) + 1
+                    if box["shared"].status != "finished":  # its copies were lost too
+                        box["shared"].release()
+                        box["shared"] = client.scatter(
+                            [payload], broadcast=True, hash=False
+                        )[0]
+                    submit(tile)
+                    continue
+                else:
+                    failures.append((tile, err))
                 nxt = next(pending, None)
                 if nxt is not None:
                     submit(nxt)
         finally:
             if inflight:  # interrupted: leave nothing running on a shared cluster
                 client.cancel(list(inflight.values()))
-            shared.release()
+            box["shared"].release()
         return failures
+
+
+def _lost(fut: Any, err: BaseException) -> bool:
+    """Whether a future failed because its worker was lost, not by its own code."""
+    if fut.status in ("lost", "cancelled"):
+        return True
+    lost = (KilledWorker, CommClosedError, FutureCancelledError, asyncio.CancelledError)
+    return isinstance(err, lost) or (
+        isinstance(err, RuntimeError) and str(err) == "None"
+    )
 
 
 def _error_of(fut: Any) -> BaseException:
