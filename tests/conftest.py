@@ -38,3 +38,16 @@ def pytest_collection_modifyitems(
             item.add_marker(skip_cluster)
         if "gpu" in item.keywords and not has_gpu:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _restore_dask_config():
+    """A Client sets dask's default scheduler globally; undo it after each test."""
+    import copy
+
+    import dask.config
+
+    saved = copy.deepcopy(dask.config.config)
+    yield
+    dask.config.config.clear()
+    dask.config.config.update(saved)
