@@ -32,7 +32,13 @@ from jax import lax
 
 from .._model import Model
 from . import _walk
-from ._base import AbstractKernelStrategy, Cost, contract_rows, cotangents
+from ._base import (
+    AbstractKernelStrategy,
+    Cost,
+    contract_rows,
+    cotangents,
+    forward_flops,
+)
 
 
 @functools.lru_cache(maxsize=64)
@@ -87,7 +93,7 @@ def _layout(use: _walk.Use) -> _Layout:
             size(use.weight_shape, wf),
         )
     dn = use.params["dimension_numbers"]
-    lhs_spec, rhs_spec, out_spec = dn.lhs_spec, dn.rhs_spec, dn.out_spec
+    rhs_spec, out_spec = dn.rhs_spec, dn.out_spec
     t = math.prod(use.out_shape[d] for d in (out_spec[0], *out_spec[2:]))
     c = math.prod(use.weight_shape[d] for d in rhs_spec[1:])
     f = use.weight_shape[rhs_spec[0]]
@@ -95,7 +101,6 @@ def _layout(use: _walk.Use) -> _Layout:
         use.params["feature_group_count"] != 1 or use.params["batch_group_count"] != 1
     )
     sig = None if grouped else ("conv", use.chain, use.weight_shape, tuple(rhs_spec))
-    del lhs_spec
     return _Layout(sig, 1, t, c, f)
 
 
@@ -319,8 +324,6 @@ class StructuredDerivatives(AbstractKernelStrategy):
         self, model: Model, params: Any, x: jax.Array, n1: int, n2: int, output: str
     ) -> Cost:
         """Factor passes plus contraction FLOPs; bytes of both tiles' factors."""
-        from ._base import forward_flops
-
         an = analysis_for(model, params, x)
         groups, fb = self.groups(model, params, x, output)
         o = int(math.prod(an.jaxpr.out_avals[0].shape[1:]))

@@ -236,8 +236,6 @@ class _Walk:
             closed = sub if hasattr(sub, "consts") else None
             inner = closed.jaxpr if closed is not None else sub
             consts = closed.consts if closed is not None else []
-            nconst = eqn.params.get("num_consts", 0) if name == "custom_vjp_call" else 0
-            del nconst  # custom_vjp_call passes its consts as ordinary operands
             outs, otags, oscales = self.eval(inner, consts, vals, tags, scales)
             return list(zip(outs, otags, oscales, strict=True))
         if name == "scan" and eqn.params["length"] <= MAX_UNROLL:
