@@ -11,8 +11,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     """Add the ``bench`` subcommand to the ``ntkdist`` parser."""
     parser = subparsers.add_parser(
         "bench",
-        help="time each strategy on one tile against this machine's GEMM rate",
+        help="benchmark suite: tiles, auto, contraction, kernel, ooc (see --sections)",
         description=bench.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     bench.add_arguments(parser)
     parser.set_defaults(func=bench.main_from_args)

@@ -1,11 +1,33 @@
-"""Benchmark: time each strategy on one tile, as a fraction of the machine's GEMM rate.
+"""Benchmark suite: strategies per tile, ``auto``'s picks, contraction, kernels.
 
-Run ``python -m ntkdist.bench`` (or ``ntkdist bench``). In one run it measures
-this machine's float32 matrix-multiply rate, then, for each case, compiles
-each strategy's tile function once and reports the median of several timed
-runs, the FLOPs the strategy's cost model predicts for the tile, and the rate
-achieved as a fraction of the GEMM rate. Results go to a table on stdout and a
-JSON file.
+Run ``ntkdist bench`` (or ``python -m ntkdist.bench``). In one run it measures
+this machine's float32 matrix-multiply rate (the *GEMM rate*), then the
+sections chosen with ``--sections`` (default ``tiles,auto,contraction,kernel``;
+``ooc`` runs only when named). Every compute figure is also reported as a
+fraction of that GEMM rate; per-tile figures are medians of ``--repeats`` runs
+after compilation. Each section prints a table; all go into one JSON file
+(``--json``), rewritten after each section.
+
+Sections:
+
+- ``tiles``: each strategy's time for one tile (``--cases``, ``--tiles``,
+  ``--outputs``), with XLA's executed FLOPs of the compiled tile function.
+- ``auto``: for each case, tile and output of ``tiles``, the strategy ``auto``
+  picks (``kernels.choose`` at that tile, and ``compute``'s pick at its
+  nominal tile) and its time relative to the best measured strategy (goal:
+  within 20 %).
+- ``contraction``: the contraction stage of ``structured`` alone (factors
+  computed beforehand) for the MLP 3×512, O=10, at ``--contraction-tiles``
+  (goal: at least 70 % of the GEMM rate).
+- ``kernel``: the whole symmetric kernel of that MLP at ``--n`` samples,
+  ``ntkdist.compute`` end to end on an embedded LocalCluster against the naive
+  tiling (every tile pair of the N×N grid from scratch with the fused
+  ``structured`` tile function), with the plan's predicted time (goal: 5×).
+- ``ooc``: an out-of-core ``trace`` kernel (``--ooc-n`` samples, small MLP)
+  through the CLI in its own process group, killed with SIGKILL part-way and
+  resumed; wall times, tiles recomputed, bytes on disk, peak resident memory
+  of the CLI and its workers (goal: under 4 GiB), and tiles checked against
+  ``ntkdist.ntk``.
 
 Strategies whose predicted memory exceeds ``--memory-budget`` or whose
 predicted time exceeds ``--max-seconds`` are reported as skipped, with the
@@ -138,7 +160,26 @@ def gemm_rate(size: int = 2048, repeats: int = 5) -> float:
     return 2.0 * size**3 / t
 
 
-def run(
+def reference_mlp() -> tuple[Callable[..., Any], Any, tuple[int, ...]]:
+    """The MLP of the ``contraction`` and ``kernel`` sections: 256→3×512→10."""
+    return mlp, _init_mlp(256, 512, 3, 10), (256,)
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "load_average": os.getloadavg()[0],
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "devices": [str(d) for d in jax.devices()],
+    }
+
+
+def run_tiles(
+    rate: float,
     *,
     quick: bool = False,
     tiles: Sequence[int] = (64, 256),
@@ -149,10 +190,8 @@ def run(
     memory_budget: float = 8 * 2**30,
     max_seconds: float = 60.0,
     log: Callable[[str], None] = print,
-) -> dict[str, Any]:
-    """Run the benchmark and return its results as a JSON-able dict."""
-    rate = gemm_rate()
-    log(f"float32 GEMM rate: {rate / 1e9:.1f} GFLOP/s")
+) -> list[dict[str, Any]]:
+    """The ``tiles`` section: one row per case, tile, output and strategy."""
     rows = []
     for name, (fn, params, shape) in cases(quick).items():
         if names and name not in names:
@@ -178,15 +217,38 @@ def run(
                     row |= {"case": name, "tile": tile, "output": output}
                     rows.append(row)
                     log(_format_row(row))
+    return rows
+
+
+def run(
+    *,
+    quick: bool = False,
+    tiles: Sequence[int] = (64, 256),
+    outputs: Sequence[str] = ("full", "trace"),
+    strategies: Sequence[str] = tuple(STRATEGIES),
+    names: Sequence[str] | None = None,
+    repeats: int = 3,
+    memory_budget: float = 8 * 2**30,
+    max_seconds: float = 60.0,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """The ``tiles`` section alone, with the GEMM rate, as a JSON-able dict."""
+    rate = gemm_rate()
+    log(f"float32 GEMM rate: {rate / 1e9:.1f} GFLOP/s")
+    rows = run_tiles(
+        rate,
+        quick=quick,
+        tiles=tiles,
+        outputs=outputs,
+        strategies=strategies,
+        names=names,
+        repeats=repeats,
+        memory_budget=memory_budget,
+        max_seconds=max_seconds,
+        log=log,
+    )
     return {
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(),
-            "jax": jax.__version__,
-            "backend": jax.default_backend(),
-            "devices": [str(d) for d in jax.devices()],
-        },
+        "machine": machine(),
         "gemm_flops_per_s": rate,
         "repeats": repeats,
         "results": rows,
@@ -261,12 +323,12 @@ def _format_row(row: dict[str, Any]) -> str:
 
 
 def table(result: dict[str, Any]) -> str:
-    """A readable table with ``structured``'s speed-up over ``jacobian``."""
+    """The ``tiles`` table: seconds and % of GEMM, ``structured``'s speed-up."""
     lines = [
         f"float32 GEMM rate: {result['gemm_flops_per_s'] / 1e9:.1f} GFLOP/s "
         f"({result['machine']['cpus']} CPUs, {result['machine']['backend']})",
         f"{'case':<20} {'tile':>4} {'output':<6} "
-        + " ".join(f"{s:>12}" for s in STRATEGIES)
+        + " ".join(f"{s:>17}" for s in STRATEGIES)
         + f" {'speed-up':>9}",
     ]
     groups: dict[tuple[str, int, str], dict[str, Any]] = {}
@@ -279,9 +341,9 @@ def table(result: dict[str, Any]) -> str:
         for s in STRATEGIES:
             r = by.get(s)
             cells.append(
-                f"{'-':>12}"
+                f"{'-':>17}"
                 if r is None or "seconds" not in r
-                else f"{r['seconds']:>10.4f} s"
+                else f"{r['seconds']:>9.4f} s {100 * r['fraction_of_gemm']:>3.0f}%"
             )
         sj, ss = by.get("jacobian", {}), by.get("structured", {})
         speed = (
@@ -295,14 +357,32 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+SECTIONS = ("tiles", "auto", "contraction", "kernel", "ooc")
+DEFAULT_SECTIONS = "tiles,auto,contraction,kernel"
+
+
+def _ints(text: str) -> list[int]:
+    return [int(t) for t in text.split(",") if t]
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The benchmark's command-line options."""
-    parser.add_argument("--quick", action="store_true", help="small cases (a minute)")
+    parser.add_argument(
+        "--sections",
+        default=DEFAULT_SECTIONS,
+        help=f"comma-separated, from {','.join(SECTIONS)} (default "
+        f"{DEFAULT_SECTIONS}; ooc writes about 40 GB at its default size)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="small cases and sizes (kernel N=1024, ooc N=4096)",
+    )
     parser.add_argument("--tiles", default="64,256", help="tile sizes, comma-separated")
     parser.add_argument("--outputs", default="full,trace")
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
     parser.add_argument("--cases", default="", help="case names (default: all)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs (median)")
     parser.add_argument(
         "--max-seconds",
         type=float,
@@ -314,24 +394,171 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="bench-results/kernels.json",
         help="where to write the JSON results",
     )
+    parser.add_argument(
+        "--dir", help="scratch directory for stores (default: the system temp dir)"
+    )
+    g = parser.add_argument_group("contraction")
+    g.add_argument(
+        "--contraction-tiles",
+        default="256,512,1024",
+        help="tile sizes of the contraction section",
+    )
+    g = parser.add_argument_group("kernel")
+    g.add_argument("--n", type=int, help="samples of the kernel section (default 8192)")
+    g.add_argument(
+        "--kernel-outputs", default="full,trace", help="output forms of kernel"
+    )
+    g.add_argument(
+        "--naive-tile",
+        type=int,
+        help="tile of the naive loop (default: the tile ntkdist's plan chose)",
+    )
+    g.add_argument(
+        "--workers",
+        type=int,
+        help="workers of the embedded LocalCluster (kernel, ooc; default CPUs)",
+    )
+    g.add_argument(
+        "--executor",
+        choices=["dask", "serial"],
+        default="dask",
+        help="how ntkdist runs tiles in kernel and ooc (default dask)",
+    )
+    g.add_argument(
+        "--cache",
+        help="passed to ntkdist.compute(cache=...) in kernel, where supported",
+    )
+    g = parser.add_argument_group("ooc")
+    g.add_argument(
+        "--ooc-n", type=int, help="samples of the ooc section (default 100000)"
+    )
+    g.add_argument(
+        "--ooc-tile", type=int, default=2048, help="tile of the ooc job (2048)"
+    )
+    g.add_argument(
+        "--ooc-memory-budget", default="1GiB", help="memory budget per worker"
+    )
+    g.add_argument(
+        "--kill-at",
+        type=float,
+        default=0.3,
+        help="fraction of the tiles done when the first run is killed (0.3)",
+    )
+    g.add_argument(
+        "--check-tiles",
+        type=int,
+        default=3,
+        help="random tiles compared with ntkdist.ntk (ooc, kernel)",
+    )
+    g.add_argument(
+        "--verify-checksums",
+        action="store_true",
+        help="re-read every tile of the ooc store and check its checksum",
+    )
+    g.add_argument("--keep", action="store_true", help="keep the ooc store")
+
+
+def _write(result: dict[str, Any], path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as fh:
+        json.dump(result, fh, indent=2, default=_jsonable)
+    os.replace(tmp, path)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
 def main_from_args(args: argparse.Namespace) -> int:
-    """Run with parsed arguments; print the table and write the JSON."""
-    result = run(
-        quick=args.quick,
-        tiles=[int(t) for t in args.tiles.split(",")],
-        outputs=args.outputs.split(","),
-        strategies=args.strategies.split(","),
-        names=[c for c in args.cases.split(",") if c] or None,
-        repeats=args.repeats,
-        max_seconds=args.max_seconds,
-    )
-    print()
-    print(table(result))
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as fh:
-        json.dump(result, fh, indent=2)
+    """Run the chosen sections; print a table per section and write the JSON."""
+    from . import _bench_kernel, _bench_ooc, _bench_sections
+
+    sections = [s for s in args.sections.split(",") if s]
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        raise SystemExit(f"unknown sections {unknown}; expected some of {SECTIONS}")
+    rate = gemm_rate()
+    result: dict[str, Any] = {
+        "machine": machine(),
+        "gemm_flops_per_s": rate,
+        "repeats": args.repeats,
+        "sections": sections,
+    }
+    print(f"float32 GEMM rate: {rate / 1e9:.1f} GFLOP/s (median of 5)")
+    tile_args = {
+        "quick": args.quick,
+        "tiles": _ints(args.tiles),
+        "outputs": args.outputs.split(","),
+        "names": [c for c in args.cases.split(",") if c] or None,
+        "repeats": args.repeats,
+        "max_seconds": args.max_seconds,
+    }
+    if "tiles" in sections:
+        print("\n== tiles: one tile per strategy ==")
+        result["results"] = run_tiles(
+            rate, strategies=args.strategies.split(","), **tile_args
+        )
+        print()
+        print(table(result))
+        _write(result, args.json)
+    if "auto" in sections:
+        print("\n== auto: the strategy auto picks against the best measured ==")
+        result["auto"] = _bench_sections.run_auto(
+            rate, result.get("results"), **tile_args
+        )
+        print()
+        print(_bench_sections.auto_table(result["auto"]))
+        _write(result, args.json)
+    if "contraction" in sections:
+        print("\n== contraction: structured's contraction stage alone ==")
+        result["contraction"] = _bench_sections.run_contraction(
+            rate,
+            tiles=_ints(args.contraction_tiles),
+            outputs=args.outputs.split(","),
+            repeats=args.repeats,
+        )
+        print()
+        print(_bench_sections.contraction_table(result["contraction"]))
+        _write(result, args.json)
+    if "kernel" in sections:
+        n = args.n or (1024 if args.quick else 8192)
+        print(f"\n== kernel: the whole symmetric kernel, N={n} ==")
+        result["kernel"] = _bench_kernel.run_kernel(
+            rate,
+            n=n,
+            outputs=args.kernel_outputs.split(","),
+            workers=args.workers,
+            executor=args.executor,
+            naive_tile=args.naive_tile,
+            cache=args.cache,
+            check_tiles=args.check_tiles,
+            scratch=args.dir,
+        )
+        print()
+        print(_bench_kernel.kernel_table(result["kernel"]))
+        _write(result, args.json)
+    if "ooc" in sections:
+        n = args.ooc_n or (4096 if args.quick else 100_000)
+        print(f"\n== ooc: trace kernel out of core, N={n}, killed and resumed ==")
+        result["ooc"] = _bench_ooc.run_ooc(
+            rate,
+            n=n,
+            tile=args.ooc_tile,
+            memory_budget=args.ooc_memory_budget,
+            workers=args.workers,
+            executor=args.executor,
+            kill_at=args.kill_at,
+            check_tiles=args.check_tiles,
+            verify_checksums=args.verify_checksums,
+            keep=args.keep,
+            scratch=args.dir,
+        )
+        print()
+        print(_bench_ooc.ooc_table(result["ooc"]))
+        _write(result, args.json)
     print(f"\nwrote {args.json}")
     return 0
 
@@ -339,7 +566,9 @@ def main_from_args(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m ntkdist.bench``."""
     parser = argparse.ArgumentParser(
-        prog="python -m ntkdist.bench", description=__doc__
+        prog="python -m ntkdist.bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_arguments(parser)
     return main_from_args(parser.parse_args(argv))
