@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._bench_kernel import store_bytes
-from ._planner import format_bytes
+from ._planner import Plan, format_bytes
 
 # The goal: peak summed resident memory of the job under this.
 MEMORY_GOAL = 4 * 2**30
@@ -181,7 +181,7 @@ def run_watched(
         while proc.poll() is None:
             watch.sample()
             now = time.perf_counter()
-            if kill_at is not None and now - last_poll >= 2 * SAMPLE_INTERVAL:
+            if kill_at is not None and now - last_poll >= SAMPLE_INTERVAL:
                 last_poll = now
                 prog = _progress(store)
                 if prog and prog[0] >= max(1, math.ceil(kill_at * prog[1])):
@@ -262,15 +262,16 @@ def run_ooc(
         spec = f"{model_py}:factory"
         base = [sys.executable, "-m", "ntkdist"]
         planned = subprocess.run(
-            [*base, "plan", spec, "--x1", x_path, *flags],
+            [*base, "plan", spec, "--x1", x_path, *flags, "--json"],
             capture_output=True,
             text=True,
             check=False,
         )
         if planned.returncode != 0:
             raise RuntimeError(f"ntkdist plan failed:\n{planned.stderr}")
+        predicted = Plan.from_json(planned.stdout)
         log("$ ntkdist plan " + " ".join([spec, "--x1", x_path, *flags]))
-        log(planned.stdout.rstrip())
+        log(str(predicted))
         cmd = [
             *base,
             "compute",
@@ -283,7 +284,7 @@ def run_ooc(
             "--executor",
             executor,
         ]
-        log("$ " + " ".join(cmd[2:]))
+        log("$ ntkdist " + " ".join(cmd[3:]))
         first = run_watched(cmd, store, os.path.join(tmp, "run1.log"), kill_at=kill_at)
         after_kill = _progress(store) or (0, 0)
         log(
@@ -321,8 +322,9 @@ def run_ooc(
             "model": f"MLP {d_in}→{'→'.join([str(width)] * depth)}→{out}, float32",
             "output": "trace",
             "flags": [*flags, "--executor", executor],
-            "command": " ".join(cmd[2:]),
-            "plan_text": planned.stdout.rstrip(),
+            "command": "ntkdist " + " ".join(cmd[3:]),
+            "plan_text": str(predicted),
+            "plan_predicted_seconds": predicted.est_seconds,
             "strategy": final.attrs["strategy"],
             "tile": plan.tile_rows,
             "tiles": total,
@@ -412,7 +414,7 @@ def ooc_table(r: dict[str, Any]) -> str:
     c = r["checks"]
     rows = [
         ("kernel", f"trace {r['n']}×{r['n']}, {r['model']}, symmetric"),
-        ("command", f"ntkdist {r['command']}"),
+        ("command", r["command"]),
         ("strategy / tile", f"{r['strategy']}, {r['tile']} ({r['tiles']} tiles)"),
         (
             "run 1 (killed)",
@@ -437,7 +439,12 @@ def ooc_table(r: dict[str, Any]) -> str:
             "total wall time",
             f"{r['total_seconds']:.1f} s, "
             f"{100 * r['fraction_of_gemm']:.1f}% of the GEMM rate "
-            "(tile function's XLA FLOPs / wall time)",
+            "(tile function's XLA FLOPs / wall time); plan predicted "
+            + (
+                "-"
+                if r["plan_predicted_seconds"] is None
+                else f"{r['plan_predicted_seconds']:.1f} s"
+            ),
         ),
         (
             "bytes on disk",
