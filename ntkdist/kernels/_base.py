@@ -55,14 +55,37 @@ def contract_rows(g1: jax.Array, g2: jax.Array, output: str) -> jax.Array:
     ``o`` is ``O`` (for full/trace/diagonal) or 1 (for pntk, whose cotangent
     already carries the ``1/√O``).
     """
+    return from_work(contract_rows_work(g1, g2, output), output)
+
+
+def contract_rows_work(g1: jax.Array, g2: jax.Array, output: str) -> jax.Array:
+    """``contract_rows`` in the *working layout* of ``output`` (see ``from_work``).
+
+    Every form is one GEMM (or one batched GEMM) whose result needs no
+    transpose: ``full`` is ``[(i, a), (j, b)]``, ``diagonal`` is batched over
+    ``a`` in front. Sums over parameters are accumulated in this layout and
+    transposed once at the end.
+    """
+    n1, n2 = g1.shape[0], g2.shape[0]
     if output == "full":
-        return jnp.einsum("iap,jbp->ijab", g1, g2)
+        o1, o2 = g1.shape[1], g2.shape[1]
+        k = g1.reshape(n1 * o1, -1) @ g2.reshape(n2 * o2, -1).T
+        return k.reshape(n1, o1, n2, o2)
     if output == "pntk":
-        return jnp.einsum("ip,jp->ij", g1[:, 0], g2[:, 0])
+        return g1[:, 0] @ g2[:, 0].T
     if output == "trace":  # one GEMM over (a, p) together
-        n1, n2 = g1.shape[0], g2.shape[0]
         return (g1.reshape(n1, -1) @ g2.reshape(n2, -1).T) / g1.shape[1]
-    return jnp.einsum("iap,jap->ija", g1, g2)
+    return jnp.einsum("iap,jap->aij", g1, g2)
+
+
+def from_work(k: jax.Array, output: str) -> jax.Array:
+    """A tile in working layout (``[i, a, j, b]`` for full, ``[a, i, j]`` for
+    diagonal, ``[i, j]`` otherwise) as the output form's layout."""
+    if output == "full":
+        return k.transpose(0, 2, 1, 3)
+    if output == "diagonal":
+        return k.transpose(1, 2, 0)
+    return k
 
 
 def symmetrize(k: jax.Array, output: str) -> jax.Array:

@@ -12,9 +12,10 @@ from .._model import Model
 from ._base import (
     AbstractKernelStrategy,
     Cost,
-    contract_rows,
+    contract_rows_work,
     cotangents,
     forward_flops,
+    from_work,
     param_count,
 )
 
@@ -52,8 +53,8 @@ class JacobianContraction(AbstractKernelStrategy):
         self, model: Model, params: Any, f1: Any, f2: Any, output: str
     ) -> jax.Array:
         """Sum over leaves of ``J1 J2ᵀ`` in the requested output form."""
-        parts = [contract_rows(a, b, output) for a, b in zip(f1, f2, strict=True)]
-        return sum(parts[1:], parts[0])
+        parts = [contract_rows_work(a, b, output) for a, b in zip(f1, f2, strict=True)]
+        return from_work(sum(parts[1:], parts[0]), output)
 
     def cost(
         self, model: Model, params: Any, x: jax.Array, n1: int, n2: int, output: str

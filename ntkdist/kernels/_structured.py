@@ -35,9 +35,10 @@ from . import _walk
 from ._base import (
     AbstractKernelStrategy,
     Cost,
-    contract_rows,
+    contract_rows_work,
     cotangents,
     forward_flops,
+    from_work,
 )
 
 
@@ -315,10 +316,10 @@ class StructuredDerivatives(AbstractKernelStrategy):
         (grams1, rows1), (grams2, rows2) = f1, f2
         parts = []
         if rows1 is not None:
-            parts.append(contract_rows(rows1, rows2, output))
+            parts.append(contract_rows_work(rows1, rows2, output))
         for (a1, d1), (a2, d2) in zip(grams1, grams2, strict=True):
             parts.append(_gram_contract(a1, d1, a2, d2, output))
-        return sum(parts[1:], parts[0])
+        return from_work(sum(parts[1:], parts[0]), output)
 
     def cost(
         self, model: Model, params: Any, x: jax.Array, n1: int, n2: int, output: str
@@ -417,20 +418,32 @@ def _scale(v: jax.Array, s: Any) -> jax.Array:
 def _gram_contract(
     a1: jax.Array, d1: jax.Array, a2: jax.Array, d2: jax.Array, output: str
 ) -> jax.Array:
-    """One weight's share from gram factors (see the module docstring)."""
+    """One weight's share from gram factors, in working layout (``from_work``).
+
+    With one position (dense layers) each form is a single GEMM of the deltas
+    scaled elementwise by the activations' gram; ``trace`` contracts
+    ``(a, f)`` together, so it costs one GEMM with ``O·F`` inner size.
+    """
     if a1.shape[1] == 1 and a1.shape[2] == 1 and a2.shape[2] == 1:
         ga = a1[:, 0, 0] @ a2[:, 0, 0].T
         e1, e2 = d1[:, :, 0, 0], d2[:, :, 0, 0]
+        n1, o, _ = e1.shape
+        n2 = e2.shape[0]
         if output == "full":
-            return ga[:, :, None, None] * jnp.einsum("iaf,jbf->ijab", e1, e2)
+            g = (e1.reshape(n1 * o, -1) @ e2.reshape(n2 * o, -1).T).reshape(
+                n1, o, n2, o
+            )
+            return ga[:, None, :, None] * g
         if output == "pntk":
             return ga * (e1[:, 0] @ e2[:, 0].T)
-        diag = ga[:, :, None] * jnp.einsum("iaf,jaf->ija", e1, e2)
-        return diag if output == "diagonal" else jnp.mean(diag, axis=-1)
+        if output == "trace":
+            return ga * (e1.reshape(n1, -1) @ e2.reshape(n2, -1).T) / o
+        return ga[None] * jnp.einsum("iaf,jaf->aij", e1, e2)
     ga = jnp.einsum("ibtc,jbuc->ijbtu", a1, a2)
     if output == "full":
-        return jnp.einsum("ijbtu,iabtf,jcbuf->ijac", ga, d1, d2)
+        return jnp.einsum("ijbtu,iabtf,jcbuf->iajc", ga, d1, d2)
     if output == "pntk":
         return jnp.einsum("ijbtu,ibtf,jbuf->ij", ga, d1[:, 0], d2[:, 0])
-    diag = jnp.einsum("ijbtu,iabtf,jabuf->ija", ga, d1, d2)
-    return diag if output == "diagonal" else jnp.mean(diag, axis=-1)
+    if output == "trace":
+        return jnp.einsum("ijbtu,iabtf,jabuf->ij", ga, d1, d2) / d1.shape[1]
+    return jnp.einsum("ijbtu,iabtf,jabuf->aij", ga, d1, d2)
