@@ -16,9 +16,10 @@ import numpy as np
 import zarr
 
 from . import _inputs
-from ._errors import ExecutionError, InputError, StoreError
+from ._errors import ExecutionError, InputError, PlanError, StoreError
 from ._model import ApplyFn, Model, as_model
 from ._planner import CostModel, Plan, Tile, make_plan, parse_bytes
+from ._planner._plan import DEFAULT_FLOP_RATE, READ_RATE
 from .executors import (
     AbstractExecutor,
     DaskExecutor,
@@ -26,7 +27,9 @@ from .executors import (
     Progress,
     SerialExecutor,
     TileSpec,
+    read_block,
 )
+from .executors._factors import create_factor_store, factor_bytes_per_sample
 from .kernels import STRATEGIES, AbstractKernelStrategy, choose, get, tile_shape
 from .storage import (
     KernelStore,
@@ -64,6 +67,7 @@ class Job:
     dtype: str
     probe: np.ndarray
     fields: dict[str, str]
+    auto: bool = False
 
     @property
     def n1(self) -> int:
@@ -125,7 +129,19 @@ def prepare(
         "dtype": digest(dtype),
         "versions": digest(ntkdist.__version__, jax.__version__),
     }
-    return Job(model, params, x1, x2, output, chosen, out_dim, dtype, probe, fields)
+    return Job(
+        model,
+        params,
+        x1,
+        x2,
+        output,
+        chosen,
+        out_dim,
+        dtype,
+        probe,
+        fields,
+        auto=strategy == "auto",
+    )
 
 
 def _as_array(x: Any, name: str, integer_inputs: bool) -> Any:
@@ -167,6 +183,15 @@ def measure_rate(job: Job, plan: Plan, cost: CostModel) -> float:
     return cost.tile_flops(p, p) / max(time.perf_counter() - t0, 1e-9)
 
 
+def with_strategy(job: Job, strategy: AbstractKernelStrategy) -> Job:
+    """``job`` computed with ``strategy`` (its fingerprint field follows)."""
+    return dataclasses.replace(
+        job,
+        strategy=strategy,
+        fields={**job.fields, "strategy": digest(repr(strategy))},
+    )
+
+
 def plan_job(
     job: Job,
     *,
@@ -174,10 +199,53 @@ def plan_job(
     memory_budget: Any = None,
     workers: int = 1,
     probe: bool = True,
+    cache: str = "auto",
+) -> tuple[Job, Plan]:
+    """Size tiles for ``job`` and predict its figures (no store is touched).
+
+    With ``strategy="auto"`` every strategy is planned for the whole job
+    (tiles, factor reuse, memory budget) and the one with the smallest
+    predicted time wins; the returned job carries it.
+    """
+    candidates = [job]
+    if job.auto:
+        candidates = [with_strategy(job, get(name)) for name in STRATEGIES]
+    plans: list[tuple[float, int, Job, Plan]] = []
+    errors: list[PlanError] = []
+    for k, cand in enumerate(candidates):
+        try:
+            p = _plan_one(cand, tile, memory_budget, workers, cache)
+        except PlanError as e:
+            errors.append(e)
+            continue
+        seconds = p.total_flops / DEFAULT_FLOP_RATE + p.read_bytes / READ_RATE
+        # Ties go to structured (the first among equals below).
+        plans.append(
+            (seconds, 0 if cand.strategy.name == "structured" else 1 + k, cand, p)
+        )
+    if not plans:
+        raise errors[0]
+    _, _, job, best = min(plans, key=lambda t: (t[0], t[1]))
+    if probe:
+        best = dataclasses.replace(
+            best, flop_rate=measure_rate(job, best, cost_model(job))
+        )
+    return job, best
+
+
+def _plan_one(
+    job: Job, tile: int | None, memory_budget: Any, workers: int, cache: str
 ) -> Plan:
-    """Size tiles for ``job`` and predict its figures (no store is touched)."""
     cost = cost_model(job)
-    plan = make_plan(
+    per_sample = factor_bytes_per_sample(
+        job.strategy,
+        job.model,
+        job.params,
+        tuple(job.probe.shape[1:]),
+        job.probe.dtype,
+        job.output,
+    )
+    return make_plan(
         n1=job.n1,
         n2=job.n2,
         out_dim=job.out_dim,
@@ -189,10 +257,9 @@ def plan_job(
         tile=tile,
         memory_budget=parse_bytes(memory_budget),
         workers=workers,
+        factor_bytes_per_sample=per_sample,
+        cache=cache,
     )
-    if probe:
-        plan = dataclasses.replace(plan, flop_rate=measure_rate(job, plan, cost))
-    return plan
 
 
 def plan(
@@ -207,6 +274,7 @@ def plan(
     memory_budget: Any = None,
     workers: int | None = None,
     probe: bool = True,
+    cache: str = "auto",
 ) -> Plan:
     """The plan ``compute`` would follow, without computing or storing anything.
 
@@ -221,6 +289,8 @@ def plan(
         memory_budget: bytes per worker (``"2GiB"`` or a number).
         workers: workers the figures assume (default: CPU count).
         probe: time one small tile here to predict the wall time.
+        cache: where factors are kept between tiles (``"auto"``, ``"none"``,
+            ``"memory"``, ``"store"``; see :func:`compute`).
 
     Returns:
         The :class:`Plan`; ``print`` it for the figures.
@@ -240,7 +310,8 @@ def plan(
         memory_budget=memory_budget,
         workers=workers or os.cpu_count() or 1,
         probe=probe,
-    )
+        cache=cache,
+    )[1]
 
 
 def compute(
@@ -254,6 +325,7 @@ def compute(
     strategy: str | AbstractKernelStrategy = "auto",
     tile: int | None = None,
     memory_budget: Any = None,
+    cache: str = "auto",
     client: Any = None,
     scheduler: str | None = None,
     workers: int | None = None,
@@ -289,6 +361,13 @@ def compute(
             instance.
         tile: tile side in samples; ``None`` sizes it from ``memory_budget``.
         memory_budget: peak bytes per worker (``"2GiB"`` or a number).
+        cache: where each input block's factors are kept between tiles, so
+            that a kernel costs one factor pass per block rather than two
+            per tile: ``"memory"`` (each worker's cache), ``"store"`` (also
+            a Zarr factor store inside the kernel store, shared by workers
+            and kept across interruptions), ``"none"`` (recompute), or
+            ``"auto"`` (the plan's predicted fastest). Values do not depend
+            on it.
         client: a ``distributed.Client`` to run on.
         scheduler: a scheduler address to connect to (instead of ``client``).
         workers: worker processes of the embedded ``LocalCluster`` (used when
@@ -356,21 +435,19 @@ def compute(
     stored = _stored_attrs(path) if not overwrite else None
     if stored is not None:
         tile = stored["plan"]["tile"] if tile is None else tile
+        if cache == "auto":
+            cache = stored["plan"].get("cache", "none")
         if strategy == "auto" and stored.get("strategy") in STRATEGIES:
             job = dataclasses.replace(
-                job,
-                strategy=get(stored["strategy"]),
-                fields={
-                    **job.fields,
-                    "strategy": digest(repr(get(stored["strategy"]))),
-                },
+                with_strategy(job, get(stored["strategy"])), auto=False
             )
-    the_plan = plan_job(
+    job, the_plan = plan_job(
         job,
         tile=tile,
         memory_budget=memory_budget,
         workers=runner.n_workers,
         probe=False,
+        cache=cache,
     )
     fields = {
         **job.fields,
@@ -380,7 +457,17 @@ def compute(
     try:
         kstore = _create_or_resume(path, job, the_plan, fields, overwrite, model_spec)
         todo = kstore.todo()
-        _run(kstore, job.model, job.params, todo, runner, progress, out, job.strategy)
+        _run(
+            kstore,
+            job.model,
+            job.params,
+            todo,
+            runner,
+            progress,
+            out,
+            job.strategy,
+            cache=(the_plan.cache, the_plan.cache_bytes),
+        )
     finally:
         if lock is not None:
             lock.release()
@@ -431,7 +518,6 @@ def repair(
         if holes or corrupt:
             model = as_model(apply_fn)
             spec = _spec_of(kstore)
-            from .executors import read_block
 
             probe = read_block(spec.x1, (0, 1), 1)
             new = {
@@ -597,6 +683,23 @@ def _zarr_source(x: Any) -> dict[str, str] | None:
     return {"root": os.fspath(root), "path": x.path}
 
 
+def _create_factor_stores(
+    kstore: KernelStore, spec: TileSpec, model: Model, params: Any
+) -> None:
+    """Create the factor arrays of each input side (before any task runs)."""
+    p = kstore.plan
+    sides = [("x1", spec.x1, p.tile_rows, p.grid[0])]
+    if spec.x2 is not None:
+        sides.append(("x2", spec.x2, p.tile_cols, p.grid[1]))
+    for side, src, size, blocks in sides:
+        x = read_block(src, (0, 1), size)
+        out = jax.eval_shape(
+            lambda q, v: spec.strategy.factors(model, q, v, spec.output), params, x
+        )
+        items = sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(out))
+        create_factor_store(spec.store, side, blocks, items, spec.dtype)
+
+
 def _qualname(fn: Any) -> str:
     return f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', repr(fn))}"
 
@@ -616,7 +719,9 @@ def _versions() -> dict[str, str]:
 
 
 def _spec_of(
-    kstore: KernelStore, strategy: AbstractKernelStrategy | None = None
+    kstore: KernelStore,
+    strategy: AbstractKernelStrategy | None = None,
+    cache: tuple[str, float] | None = None,
 ) -> TileSpec:
     a = kstore.attrs
 
@@ -645,6 +750,8 @@ def _spec_of(
         dtype=p.dtype,
         fingerprint=kstore.fingerprint,
         model_key=kstore.fields.get("model", ""),
+        cache=cache[0] if cache else p.cache,
+        cache_bytes=cache[1] if cache else p.cache_bytes,
     )
 
 
@@ -657,6 +764,7 @@ def _run(
     progress: bool,
     out: TextIO,
     strategy: AbstractKernelStrategy | None = None,
+    cache: tuple[str, float] | None = None,
 ) -> None:
     done, total = kstore.progress()
     if progress:
@@ -667,7 +775,9 @@ def _run(
         out.flush()
     if not todo:
         return
-    spec = _spec_of(kstore, strategy)
+    spec = _spec_of(kstore, strategy, cache)
+    if spec.cache == "store":
+        _create_factor_stores(kstore, spec, model, params)
 
     with runner:
         bar = Progress(done=done, total=total, stream=out, enabled=progress)

@@ -17,6 +17,13 @@ DEFAULT_MAX_TILE = 1024
 MIN_TILES_PER_WORKER = 2
 # Smallest tile side the parallelism rule may shrink to.
 MIN_TILE = 32
+# Factor cache per worker when no memory budget is given.
+DEFAULT_CACHE_BYTES = 2 * 2**30
+# FLOP/s assumed when choosing a cache level without a measured rate.
+DEFAULT_FLOP_RATE = 5e10
+# Bytes/s assumed for reading factors back from a local factor store.
+READ_RATE = 1e9
+CACHE_LEVELS = ("none", "memory", "store")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +46,14 @@ class Plan:
         peak_bytes_per_worker: predicted peak resident bytes of one worker.
         bytes_on_disk: kernel bytes before compression.
         flop_rate: FLOP/s of one worker measured on a probe tile (or ``None``).
+        cache: where blocks' factors are kept between tiles: ``"none"``
+            (recomputed for every tile), ``"memory"`` (each worker's cache)
+            or ``"store"`` (also a Zarr factor store beside the kernel).
+        cache_bytes: capacity of each worker's factor cache.
+        factor_bytes: bytes of every block's factors (both inputs).
+        flops_no_reuse: total FLOPs if factors were recomputed for every tile.
+        read_bytes: predicted bytes of factors written to and read back from
+            the factor store.
 
     Example:
         >>> p = Plan(n1=5, n2=5, out_dim=2, output="trace", symmetric=True, tile=2,
@@ -62,6 +77,11 @@ class Plan:
     peak_bytes_per_worker: float = 0.0
     bytes_on_disk: float = 0.0
     flop_rate: float | None = None
+    cache: str = "none"
+    cache_bytes: float = 0.0
+    factor_bytes: float = 0.0
+    flops_no_reuse: float = 0.0
+    read_bytes: float = 0.0
 
     def __post_init__(self) -> None:
         """Check the plan is self-consistent."""
@@ -100,8 +120,9 @@ class Plan:
         """Predicted wall time on ``workers`` workers (``None`` without a probe)."""
         if not self.flop_rate:
             return None
-        return (
-            self.total_flops / self.flop_rate / max(1, min(self.workers, self.n_tiles))
+        parallel = max(1, min(self.workers, self.n_tiles))
+        return (self.total_flops / self.flop_rate + self.read_bytes / READ_RATE) / (
+            parallel
         )
 
     def tiles(self) -> tuple[Tile, ...]:
@@ -148,7 +169,16 @@ class Plan:
                 "peak memory/worker",
                 f"{format_bytes(self.peak_bytes_per_worker)} (budget {budget})",
             ),
-            ("FLOPs", f"{self.total_flops:.3g} ({self.tile_flops:.3g} per tile)"),
+            ("factors", self._factor_line()),
+            (
+                "FLOPs",
+                f"{self.total_flops:.3g} ({self.tile_flops:.3g} per tile"
+                + (
+                    f"; {self.flops_no_reuse:.3g} recomputing factors per tile)"
+                    if self.flops_no_reuse > self.total_flops
+                    else ")"
+                ),
+            ),
             ("probe rate", rate),
             (
                 "estimated time",
@@ -159,6 +189,16 @@ class Plan:
         ]
         width = max(len(k) for k, _ in lines)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in lines)
+
+    def _factor_line(self) -> str:
+        what = {
+            "none": "recomputed for every tile",
+            "memory": f"kept in each worker's memory (up to "
+            f"{format_bytes(self.cache_bytes)})",
+            "store": f"written once to a factor store beside the kernel, cached "
+            f"in memory (up to {format_bytes(self.cache_bytes)})",
+        }[self.cache]
+        return f"{format_bytes(self.factor_bytes)} in all; {what}"
 
 
 def _fmt_seconds(s: float) -> str:
@@ -184,6 +224,9 @@ def make_plan(
     workers: int = 1,
     flop_rate: float | None = None,
     max_tile: int = DEFAULT_MAX_TILE,
+    factor_bytes_per_sample: float = 0.0,
+    cache: str = "auto",
+    cache_budget: float | None = None,
 ) -> Plan:
     """Size the tiles and predict the figures of one job.
 
@@ -239,15 +282,115 @@ def make_plan(
         memory_budget=memory_budget,
     )
     tr, tc = plan.tile_rows, plan.tile_cols
-    total = sum(cost.tile_flops(*tl.shape) for tl in plan.tiles())
+    worker = cost.worker_bytes(tr, tc)
+    if cache_budget is None:
+        cache_budget = (
+            DEFAULT_CACHE_BYTES
+            if memory_budget is None
+            else max(0.0, memory_budget - worker)
+        )
+    figures = {
+        level: _reuse_figures(plan, cost, level, factor_bytes_per_sample, cache_budget)
+        for level in CACHE_LEVELS
+    }
+    if cache == "auto":
+        level = choose_cache(figures, factor_bytes_per_sample, flop_rate)
+    elif cache in CACHE_LEVELS:
+        level = cache
+    else:
+        raise PlanError(f"cache={cache!r}; expected 'auto' or one of {CACHE_LEVELS}.")
+    flops, read = figures[level]
+    held = (
+        0.0
+        if level == "none"
+        else min(cache_budget, _all_factor_bytes(plan, factor_bytes_per_sample))
+    )
     return dataclasses.replace(
         plan,
         tile_flops=cost.tile_flops(tr, tc),
-        total_flops=total,
-        peak_bytes_per_worker=cost.worker_bytes(tr, tc),
+        total_flops=flops,
+        peak_bytes_per_worker=worker + held,
         bytes_on_disk=float(n1 * n2 * cost.out_items * cost.itemsize),
         flop_rate=flop_rate,
+        cache=level,
+        cache_bytes=cache_budget if level != "none" else 0.0,
+        factor_bytes=_all_factor_bytes(plan, factor_bytes_per_sample),
+        flops_no_reuse=figures["none"][0],
+        read_bytes=read,
     )
+
+
+def _all_factor_bytes(plan: Plan, per_sample: float) -> float:
+    g1, g2 = plan.grid
+    rows = g1 * plan.tile_rows + (0 if plan.symmetric else g2 * plan.tile_cols)
+    return per_sample * rows
+
+
+def _reuse_figures(
+    plan: Plan, cost: CostModel, level: str, per_sample: float, budget: float
+) -> tuple[float, float]:
+    """Predicted (FLOPs, bytes read from the factor store) of ``plan`` at ``level``.
+
+    A tile's FLOPs are ``c + a·n1 + b·n2 + d·n1·n2``: ``a·n1`` and ``b·n2`` are
+    its two blocks' factor passes, the rest the contraction (a symmetric
+    diagonal tile makes one factor pass).
+    """
+    c, a, b, d = cost.flops
+    tr, tc = plan.tile_rows, plan.tile_cols
+    tiles = plan.tiles()
+    # Ragged blocks are padded to the full tile, so every tile costs a full one.
+    contract = len(tiles) * max(0.0, c + d * tr * tc)
+    g1, g2 = plan.grid
+    blocks = g1 * a * tr + (0.0 if plan.symmetric else g2 * b * tc)
+    every_tile = len(tiles) * (a * tr + b * tc) - sum(
+        b * tc for t in tiles if t.kind == "diagonal"
+    )
+    if level == "none" or per_sample <= 0:
+        return contract + every_tile, 0.0
+    workers = max(1, min(plan.workers, len(tiles)))
+    block_bytes = per_sample * max(tr, tc)
+    fits_all = _all_factor_bytes(plan, per_sample) <= budget
+    if level == "memory":
+        if fits_all:  # each worker computes each block at most once
+            return contract + min(every_tile, workers * blocks), 0.0
+        if budget < 2 * block_bytes:
+            return contract + every_tile, 0.0
+        # The row block stays hot along its row; column blocks are recomputed.
+        rows = min(every_tile, workers * g1 * a * tr)
+        cols = len(tiles) * b * tc - sum(b * tc for t in tiles if t.kind == "diagonal")
+        return contract + rows + cols, 0.0
+    # store: every block computed once and written; a worker reads back the
+    # blocks others computed (all fit) or every block it no longer holds.
+    total = _all_factor_bytes(plan, per_sample)
+    reads = (workers - 1) * total if fits_all else 2 * len(tiles) * block_bytes
+    return contract + blocks, total + reads
+
+
+def choose_cache(
+    figures: dict[str, tuple[float, float]],
+    per_sample: float,
+    flop_rate: float | None,
+) -> str:
+    """The level with the smallest predicted time (FLOPs at the rate, plus reads).
+
+    Ties go to the simpler level (``none`` < ``memory`` < ``store``): a store
+    is chosen only when reading factors back beats recomputing them.
+
+    Example:
+        >>> choose_cache({"none": (10.0, 0), "memory": (4.0, 0), "store": (4.0, 0)},
+        ...              8.0, None)
+        'memory'
+    """
+    if per_sample <= 0:
+        return "none"
+    rate = flop_rate or DEFAULT_FLOP_RATE
+    seconds = {k: f / rate + r / READ_RATE for k, (f, r) in figures.items()}
+    best = min(CACHE_LEVELS, key=lambda k: (seconds[k], CACHE_LEVELS.index(k)))
+    # Keep the simpler level unless the other saves at least 2 %.
+    for simpler in CACHE_LEVELS[: CACHE_LEVELS.index(best)]:
+        if seconds[simpler] <= 1.02 * seconds[best]:
+            return simpler
+    return best
 
 
 def _count(n1: int, n2: int, t: int, symmetric: bool) -> int:

@@ -21,6 +21,7 @@ from .._model import Model
 from .._planner import Tile
 from ..kernels import AbstractKernelStrategy
 from ..storage import write_tile
+from ._factors import tile_block
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +49,9 @@ class TileSpec:
         model_key: hash of what the model computes; a worker reuses the first
             model object it saw with this key, so later jobs hit the same
             compiled functions instead of compiling again.
+        cache: where blocks' factors are kept between tiles: ``"none"``,
+            ``"memory"`` or ``"store"`` (see ``ntkdist.executors._factors``).
+        cache_bytes: capacity of each worker's factor cache.
     """
 
     store: str
@@ -60,6 +64,8 @@ class TileSpec:
     dtype: str
     fingerprint: str
     model_key: str = ""
+    cache: str = "none"
+    cache_bytes: float = 0.0
 
 
 _lock = threading.Lock()
@@ -120,19 +126,12 @@ def read_block(
 def compute_block(tile: Tile, spec: TileSpec, model: Model, params: Any) -> np.ndarray:
     """The kernel block of ``tile`` as a numpy array of the kernel's dtype.
 
-    Uses the strategy's fused, jitted ``tile`` (the function ``ntkdist.ntk``
-    uses), on blocks padded to the full tile. Computing per-block factors
-    once and contracting them in a separate jitted call was measured slower:
-    for ``full`` output XLA's fused tile was twice as fast as the split one,
-    which outweighed the reuse of the row block's factors.
+    Both blocks' factors come from the worker's cache, the job's factor
+    store or a fresh factor pass (``spec.cache``), on blocks padded to the
+    full tile so every tile has one shape; one jitted contraction makes the
+    tile. The values do not depend on where the factors came from.
     """
-    x1 = read_block(spec.x1, tile.rows, spec.tile_rows, spec.fingerprint)
-    if tile.kind == "diagonal":
-        k = spec.strategy.tile(model, params, x1, None, spec.output)
-    else:
-        src = spec.x1 if spec.x2 is None else spec.x2
-        x2 = read_block(src, tile.cols, spec.tile_cols, spec.fingerprint)
-        k = spec.strategy.tile(model, params, x1, x2, spec.output)
+    k = tile_block(tile, spec, model, params)
     r, c = tile.shape
     return np.asarray(k)[:r, :c].astype(spec.dtype, copy=False)
 
