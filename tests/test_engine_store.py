@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 import pytest
+import zarr
 
 from ntkdist import StoreError, StoreLockedError
 from ntkdist._planner import Plan
@@ -120,6 +121,64 @@ def test_rectangular_ragged_tiles(tmp_path):
         )
     assert s.complete and s.check_tiles() == ([], [])
     assert not np.isnan(s.kernel[...]).any()
+
+
+@pytest.mark.parametrize(
+    "output,symmetric,n1,n2,tile,out_dim",
+    [
+        ("full", True, 50, 50, 20, 3),  # ragged, mirrors, pieces split rows
+        ("full", False, 45, 70, 32, 3),  # ragged rows and columns
+        ("diagonal", True, 33, 33, 16, 4),
+        ("trace", False, 700, 1300, 600, 1),  # a row spans two pieces
+    ],
+)
+def test_direct_chunk_writes_are_zarrs_bytes(
+    tmp_path, monkeypatch, output, symmetric, n1, n2, tile, out_dim
+):
+    """Chunk files written directly hold exactly what zarr writes, same checksums."""
+    from ntkdist.storage import _zarr
+
+    plan = _plan(output, symmetric, n1, n2, tile, out_dim)
+    stores, sums = [], []
+    for direct in (False, True):
+        # Direct writes for every chunk, through pieces of one aligned block,
+        # so that ragged bands, several pieces per chunk and an unaligned
+        # tail all occur at these small sizes.
+        monkeypatch.setattr(_zarr, "DIRECT_MIN_BYTES", 0 if direct else 1 << 62)
+        monkeypatch.setattr(_zarr, "_PIECE", 4096)
+        s = KernelStore.create(
+            str(tmp_path / f"{direct}.zarr"), plan=plan, spec=_spec()
+        )
+        kernel = zarr.open_array(
+            store=s.path, path="kernel", mode="r+", config={"write_empty_chunks": True}
+        )
+        assert (
+            _zarr._chunk_path(kernel, 0, 0, np.empty(kernel.chunks)) is not None
+        ) == direct
+        rng = np.random.default_rng(0)
+        got = []
+        for t in plan.tiles():
+            shape = {"full": (out_dim, out_dim), "diagonal": (out_dim,)}.get(output, ())
+            got.append(
+                write_tile(kernel, t, rng.normal(size=(*t.shape, *shape)), output)
+            )
+            s.write_marker(t, got[-1])
+        stores.append(tmp_path / f"{direct}.zarr" / "kernel")
+        sums.append(got)
+        assert s.complete and s.check_tiles() == ([], [])
+    assert sums[0] == sums[1]
+    files = [
+        sorted(p.relative_to(d) for d in [d] for p in d.rglob("*") if p.is_file())
+        for d in stores
+    ]
+    assert files[0] == files[1]
+    assert len(files[0]) == plan.grid[0] * plan.grid[1] + 1  # chunks, zarr.json
+    for f in files[0]:
+        assert (stores[0] / f).read_bytes() == (stores[1] / f).read_bytes(), f
+    # A truncated direct-written chunk is found.
+    chunk = next(p for p in stores[1].rglob("*") if p.is_file() and p.name == "0")
+    chunk.write_bytes(chunk.read_bytes()[:-8])
+    assert KernelStore.open(str(stores[1].parent)).check_tiles()[1]
 
 
 def test_open_refuses_what_is_not_a_store(tmp_path):
