@@ -182,6 +182,14 @@ def _job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tile", type=int, help="tile side in samples (one Zarr chunk)")
     p.add_argument("--memory-budget", help="peak memory per worker, e.g. 2GiB")
     p.add_argument(
+        "--cache",
+        default="auto",
+        choices=["auto", "none", "memory", "store"],
+        help="where input blocks' factors are kept between tiles: each worker's "
+        "memory, a Zarr factor store inside the kernel store, or nowhere "
+        "(recomputed); auto: the plan's predicted fastest",
+    )
+    p.add_argument(
         "--workers", type=int, help="worker processes of the embedded LocalCluster"
     )
     p.add_argument(
@@ -268,6 +276,7 @@ def _cmd_compute(args: argparse.Namespace) -> int:
         strategy=args.strategy,
         tile=args.tile,
         memory_budget=args.memory_budget,
+        cache=args.cache,
         scheduler=args.scheduler,
         workers=args.workers,
         executor=args.executor,
@@ -299,6 +308,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         memory_budget=args.memory_budget,
         workers=args.workers,
         probe=not args.no_probe,
+        cache=args.cache,
     )
     print(the_plan.to_json() if args.json else the_plan)
     return 0

@@ -29,7 +29,11 @@ from .executors import (
     TileSpec,
     read_block,
 )
-from .executors._factors import create_factor_store, factor_bytes_per_sample
+from .executors._factors import (
+    create_factor_store,
+    factor_bytes_per_sample,
+    factors_fn,
+)
 from .kernels import STRATEGIES, AbstractKernelStrategy, choose, get, tile_shape
 from .storage import (
     KernelStore,
@@ -189,6 +193,7 @@ def with_strategy(job: Job, strategy: AbstractKernelStrategy) -> Job:
         job,
         strategy=strategy,
         fields={**job.fields, "strategy": digest(repr(strategy))},
+        auto=False,
     )
 
 
@@ -438,9 +443,7 @@ def compute(
         if cache == "auto":
             cache = stored["plan"].get("cache", "none")
         if strategy == "auto" and stored.get("strategy") in STRATEGIES:
-            job = dataclasses.replace(
-                with_strategy(job, get(stored["strategy"])), auto=False
-            )
+            job = with_strategy(job, get(stored["strategy"]))
     job, the_plan = plan_job(
         job,
         tile=tile,
@@ -694,7 +697,7 @@ def _create_factor_stores(
     for side, src, size, blocks in sides:
         x = read_block(src, (0, 1), size)
         out = jax.eval_shape(
-            lambda q, v: spec.strategy.factors(model, q, v, spec.output), params, x
+            lambda q, v: factors_fn(spec.strategy, model, spec.output, q, v), params, x
         )
         items = sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(out))
         create_factor_store(spec.store, side, blocks, items, spec.dtype)
