@@ -5,7 +5,8 @@ process group. Once ``--kill-at`` of its tiles are recorded, the whole group
 (the CLI, the scheduler in it, the nannies and the workers) is killed with
 SIGKILL; the same command then runs again and resumes. Every ~0.25 s the
 summed resident memory (RSS) of the CLI and all its descendants is sampled,
-with each process's own peak (``VmHWM``). Summed RSS counts pages shared
+with each process's own peak (``VmHWM``; their sum bounds the peak that
+sampling may miss). Summed RSS counts pages shared
 between processes (libraries) once per process: it overstates the memory the
 job really holds.
 """
@@ -144,6 +145,8 @@ class TreeWatch:
         return {
             "peak_rss_sum": self.peak_rss,
             "max_process_hwm": max(self.hwm.values(), default=0),
+            # an upper bound of the peak sum, which sampling may miss
+            "sum_process_hwm": sum(self.hwm.values()),
             "processes_seen": len(self.seen),
             "peak_processes": self.peak_processes,
             "samples": self.samples,
@@ -346,6 +349,7 @@ def run_ooc(
             "plan_peak_bytes_per_worker": plan.peak_bytes_per_worker,
             "peak_rss_sum": peak,
             "max_process_hwm": max(first["max_process_hwm"], second["max_process_hwm"]),
+            "sum_process_hwm": max(first["sum_process_hwm"], second["sum_process_hwm"]),
             "memory_goal": MEMORY_GOAL,
             "memory_goal_met": peak < MEMORY_GOAL,
             "tile_fn_flops": tile_flops * total,
@@ -483,7 +487,8 @@ def ooc_table(r: dict[str, Any]) -> str:
             f"{format_bytes(r['peak_rss_sum'])} summed RSS of the CLI and its "
             f"descendants (goal < {format_bytes(r['memory_goal'])}: "
             f"{'met' if r['memory_goal_met'] else 'NOT met'}); largest process "
-            f"VmHWM {format_bytes(r['max_process_hwm'])}; plan per worker "
+            f"VmHWM {format_bytes(r['max_process_hwm'])}, all processes' VmHWM "
+            f"summed {format_bytes(r['sum_process_hwm'])}; plan per worker "
             f"{format_bytes(r['plan_peak_bytes_per_worker'])}",
         ),
         (

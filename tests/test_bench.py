@@ -8,6 +8,7 @@ import os
 import pytest
 
 from ntkdist import bench
+from ntkdist._bench_kernel import supports_cache
 from ntkdist.kernels import STRATEGIES
 
 
@@ -95,6 +96,7 @@ def _check_kernel_rows(rows: list[dict], n: int, outputs: tuple[str, ...]) -> No
 
 
 def test_kernel_section_serial(tmp_path):
+    cache = ["--cache", "none"] if supports_cache() else []
     r = _run(
         tmp_path,
         "--sections",
@@ -105,8 +107,11 @@ def test_kernel_section_serial(tmp_path):
         "serial",
         "--check-tiles",
         "2",
+        *cache,
     )
     _check_kernel_rows(r["kernel"], 200, ("full", "trace"))
+    if cache:  # passed through to ntkdist.compute
+        assert [k["cache_used"] for k in r["kernel"]] == ["none", "none"]
     assert _scratch_left(tmp_path) == []  # the stores were removed
 
 
@@ -139,7 +144,8 @@ def _check_ooc(r: dict, tmp_path) -> None:
     assert o["checks"] and o["checks_passed"]
     assert (o["checksum_holes"], o["checksum_corrupt"]) == (0, 0)
     assert o["bytes_on_disk"] >= o["plan_bytes_on_disk"]
-    assert o["peak_rss_sum"] >= o["max_process_hwm"] > 0
+    assert o["peak_rss_sum"] > 0 and o["max_process_hwm"] > 0
+    assert o["sum_process_hwm"] >= o["max_process_hwm"]
     assert o["total_seconds"] == pytest.approx(
         o["first_run"]["seconds"] + o["second_run"]["seconds"]
     )
