@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import os
@@ -33,6 +34,7 @@ from .executors._factors import (
     create_factor_store,
     factor_bytes_per_sample,
     factors_fn,
+    forget_job,
 )
 from .kernels import STRATEGIES, AbstractKernelStrategy, choose, get, tile_shape
 from .storage import (
@@ -686,6 +688,15 @@ def _zarr_source(x: Any) -> dict[str, str] | None:
     return {"root": os.fspath(root), "path": x.path}
 
 
+def _forget(runner: AbstractExecutor, spec: TileSpec) -> None:
+    """Free the job's cached factors in every process that computed tiles."""
+    forget_job(spec.fingerprint, spec.store)
+    client = getattr(runner, "client", None)
+    if client is not None:
+        with contextlib.suppress(Exception):  # a worker gone meanwhile is fine
+            client.run(forget_job, spec.fingerprint, spec.store)
+
+
 def _create_factor_stores(
     kstore: KernelStore, spec: TileSpec, model: Model, params: Any
 ) -> None:
@@ -791,6 +802,8 @@ def _run(
 
         failures = runner.run(spec, model, params, todo, on_done)
         bar.close()
+        if spec.cache != "none":
+            _forget(runner, spec)
     if failures:
         tile, err = failures[0]
         raise ExecutionError(

@@ -147,6 +147,7 @@ def test_cluster_reuse_equals_ntk(tmp_path, cluster, data, level):
     p, x1, x2 = data
     with Client(cluster) as client:
         client.register_plugin(JaxWorkerPlugin(x64=True))
+        client.run(_clear)
         for name, y in (("sym", None), ("rect", x2)):
             s = ntkdist.compute(
                 mlp,
@@ -164,15 +165,23 @@ def test_cluster_reuse_equals_ntk(tmp_path, cluster, data, level):
             ref = ntkdist.ntk(mlp, p, x1, y, output="full")
             np.testing.assert_allclose(s.kernel[...], ref, rtol=1e-10, atol=1e-13)
             assert s.check_tiles() == ([], [])
-        passes = client.run(
-            lambda: (
-                __import__(
-                    "ntkdist.executors._factors", fromlist=["CACHE"]
-                ).CACHE.computed
-            )
-        )
-    # Two jobs of 4 (+ 3) blocks: every worker computed each block at most once.
-    assert 0 < sum(passes.values()) <= 2 * (4 + 4 + 3)
+        passes = client.run(_stats)
+    # Two jobs of 4 (+ 3) blocks: every worker computed each block at most
+    # once; the finished jobs' factors were freed on every worker.
+    assert 0 < sum(c for c, _ in passes.values()) <= 2 * (4 + 4 + 3)
+    assert all(held == 0 for _, held in passes.values())
+
+
+def _clear():
+    from ntkdist.executors._factors import CACHE
+
+    CACHE.clear()
+
+
+def _stats():
+    from ntkdist.executors._factors import CACHE
+
+    return CACHE.computed, CACHE.nbytes
 
 
 # -- the planner -------------------------------------------------------------

@@ -233,8 +233,8 @@ def make_plan(
     With ``tile=None`` the tile is the largest square within ``memory_budget``
     (at most ``max_tile``), shrunk while needed to give each worker
     ``MIN_TILES_PER_WORKER`` tiles, then evened out so the last tile is
-    nearly full (2,000 samples: two tiles of 1,000, not 1,024 and 976). An explicit ``tile`` is checked against
-    the budget.
+    nearly full (2,000 samples: two tiles of 1,000, not 1,024 and 976). An
+    explicit ``tile`` is checked against the budget.
 
     Raises:
         PlanError: the budget cannot hold one tile (the message says how much

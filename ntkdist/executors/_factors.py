@@ -142,6 +142,12 @@ class FactorCache:
                 _, (_, n) = self._items.popitem(last=False)
                 self.nbytes -= n
 
+    def forget(self, fingerprint: str) -> None:
+        """Drop every block of job ``fingerprint``."""
+        with self._lock:
+            for key in [k for k in self._items if k[0] == fingerprint]:
+                self.nbytes -= self._items.pop(key)[1]
+
     def clear(self) -> None:
         """Drop everything (tests and benchmarks)."""
         with self._lock:
@@ -151,6 +157,16 @@ class FactorCache:
 
 
 CACHE = FactorCache()
+
+
+def forget_job(fingerprint: str, store: str) -> None:
+    """Free what this process holds for a finished job (run on every worker)."""
+    CACHE.forget(fingerprint)
+    for key in [k for k in _templates if k[0] == fingerprint]:
+        del _templates[key]
+    with _arrays_lock:
+        for key in [k for k in _arrays if k[0] == store]:
+            del _arrays[key]
 
 
 def _nbytes(tree: Any) -> int:
