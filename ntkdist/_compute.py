@@ -235,9 +235,17 @@ def plan_job(
     _, _, job, best = min(plans, key=lambda t: (t[0], t[1]))
     if probe:
         best = dataclasses.replace(
-            best, flop_rate=measure_rate(job, best, cost_model(job))
+            best,
+            flop_rate=measure_rate(job, best, cost_model(job)),
+            parallel=_parallel(workers),
         )
     return job, best
+
+
+def _parallel(workers: int) -> int:
+    """Devices a rate measured here scales over: one per worker on accelerators;
+    on CPU the probe already used every core the workers would share."""
+    return workers if jax.default_backend() != "cpu" else 1
 
 
 def _plan_one(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 import pathlib
 
 import numpy as np
@@ -110,7 +111,13 @@ def test_plan_round_trips_through_json_and_prints_its_figures():
     # were described, so nothing is cached.
     assert p.cache == "none"
     assert p.total_flops == pytest.approx(p.n_tiles * cost.tile_flops(128, 128))
-    assert p.est_seconds == pytest.approx(p.total_flops / 1e9 / 2)
+    assert p.est_seconds == pytest.approx(
+        p.total_flops / 1e9 / 2 + p.bytes_on_disk / 1e9
+    )
+    one_cpu = dataclasses.replace(p, parallel=1)
+    assert one_cpu.est_seconds == pytest.approx(
+        p.total_flops / 1e9 + p.bytes_on_disk / 1e9
+    )
 
 
 def test_cost_model_fit_is_exact_for_bilinear_costs():

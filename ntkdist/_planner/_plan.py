@@ -23,6 +23,8 @@ DEFAULT_CACHE_BYTES = 2 * 2**30
 DEFAULT_FLOP_RATE = 5e10
 # Bytes/s assumed for reading factors back from a local factor store.
 READ_RATE = 1e9
+# Bytes/s assumed for writing the kernel (about one local SSD).
+WRITE_RATE = 1e9
 CACHE_LEVELS = ("none", "memory", "store")
 
 
@@ -54,6 +56,9 @@ class Plan:
         flops_no_reuse: total FLOPs if factors were recomputed for every tile.
         read_bytes: predicted bytes of factors written to and read back from
             the factor store.
+        parallel: devices the measured rate scales over (``0``: ``workers``).
+            Workers sharing one CPU share its cores, so a probe that used
+            them all gives ``1``; one GPU per worker gives ``workers``.
 
     Example:
         >>> p = Plan(n1=5, n2=5, out_dim=2, output="trace", symmetric=True, tile=2,
@@ -82,6 +87,7 @@ class Plan:
     factor_bytes: float = 0.0
     flops_no_reuse: float = 0.0
     read_bytes: float = 0.0
+    parallel: int = 0
 
     def __post_init__(self) -> None:
         """Check the plan is self-consistent."""
@@ -117,13 +123,17 @@ class Plan:
 
     @property
     def est_seconds(self) -> float | None:
-        """Predicted wall time on ``workers`` workers (``None`` without a probe)."""
+        """Predicted wall time (``None`` without a probe).
+
+        FLOPs at the probe's rate over ``parallel`` devices, plus factor-store
+        I/O and writing the kernel (I/O is not assumed to overlap compute).
+        Excludes cluster start-up and compilation.
+        """
         if not self.flop_rate:
             return None
-        parallel = max(1, min(self.workers, self.n_tiles))
-        return (self.total_flops / self.flop_rate + self.read_bytes / READ_RATE) / (
-            parallel
-        )
+        parallel = max(1, min(self.parallel or self.workers, self.n_tiles))
+        compute = self.total_flops / self.flop_rate / parallel
+        return compute + self.read_bytes / READ_RATE + self.bytes_on_disk / WRITE_RATE
 
     def tiles(self) -> tuple[Tile, ...]:
         """The tiles, row-major (upper triangle with mirrors when symmetric)."""
@@ -184,7 +194,13 @@ class Plan:
                 "estimated time",
                 "unknown"
                 if est is None
-                else f"{_fmt_seconds(est)} on {self.workers} worker(s)",
+                else f"{_fmt_seconds(est)} on {self.workers} worker(s)"
+                + (
+                    " sharing one machine's cores"
+                    if self.parallel == 1 and self.workers > 1
+                    else ""
+                )
+                + " (excluding start-up and compilation)",
             ),
         ]
         width = max(len(k) for k, _ in lines)
