@@ -97,11 +97,11 @@ def _cpu_seconds() -> float:
 def _cluster(n_workers: int) -> Any:
     from distributed import Client, LocalCluster
 
-    from .executors._dask import jax_worker_env
+    from .executors._dask import THREADS_PER_WORKER, jax_worker_env
 
-    cluster = LocalCluster(
+    cluster = LocalCluster(  # as the embedded cluster of ntkdist.compute
         n_workers=n_workers,
-        threads_per_worker=1,
+        threads_per_worker=THREADS_PER_WORKER,
         processes=True,
         dashboard_address=":0",
         env=jax_worker_env(True),

@@ -271,8 +271,11 @@ def test_kill_9_of_a_serial_cli_job_then_rerun(tmp_path):
 
 @pytest.mark.cluster
 def test_kill_9_of_a_dask_cli_job_then_rerun(tmp_path):
-    # Window: 2 futures per worker thread, 2 single-threaded workers.
-    _kill_and_resume(tmp_path, "dask", n=90, tile=3, window=4)
+    # Window: 2 futures per worker thread; 2 workers of THREADS_PER_WORKER threads.
+    from ntkdist.executors._dask import THREADS_PER_WORKER, WINDOW_PER_THREAD
+
+    window = WINDOW_PER_THREAD * 2 * THREADS_PER_WORKER
+    _kill_and_resume(tmp_path, "dask", n=90, tile=3, window=window)
 
 
 # -- a worker killed mid-tile ----------------------------------------------------

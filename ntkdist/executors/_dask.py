@@ -24,6 +24,9 @@ from ._task import ByValue, TileSpec, run_tile
 # Futures in flight per worker thread: enough to keep workers busy, few
 # enough that an interrupted job loses little.
 WINDOW_PER_THREAD = 2
+# Threads of each embedded worker process: one computes a tile while the other
+# writes the previous one (``run_tile`` lets one tile compute at a time).
+THREADS_PER_WORKER = 2
 # Times a failed tile task is retried before the job reports it.
 RETRIES = 3
 # Times a tile is submitted again after its worker was lost mid-tile.
@@ -76,8 +79,9 @@ class DaskExecutor(AbstractExecutor):
     """Run tiles on a Dask cluster, recording each as it finishes.
 
     With neither ``client`` nor ``address`` it starts an embedded
-    ``LocalCluster`` of worker processes (one single-threaded worker per
-    core by default) and closes it afterwards. Params and the model are
+    ``LocalCluster`` of worker processes (one per core by default, each
+    with two threads: one computes a tile while the other writes the last
+    one) and closes it afterwards. Params and the model are
     scattered once to every worker; tasks have keys ``ntk-<fp8>-<i>-<j>``,
     ``retries`` and a bounded window of futures.
 
@@ -128,7 +132,7 @@ class DaskExecutor(AbstractExecutor):
             else:
                 self._cluster = LocalCluster(
                     n_workers=self.requested_workers or os.cpu_count() or 1,
-                    threads_per_worker=1,
+                    threads_per_worker=THREADS_PER_WORKER,
                     processes=True,
                     dashboard_address=":0",
                     env=jax_worker_env(self.x64),
@@ -155,9 +159,16 @@ class DaskExecutor(AbstractExecutor):
 
     @property
     def n_workers(self) -> int:
-        """Worker threads of the cluster."""
+        """Worker processes of the cluster (each computes one tile at a time)."""
         if self.client is None:
             return self.requested_workers or os.cpu_count() or 1
+        return max(1, len(self.client.nthreads()))
+
+    @property
+    def n_threads(self) -> int:
+        """Worker threads of the cluster (tasks that can be running at once)."""
+        if self.client is None:
+            return self.n_workers * THREADS_PER_WORKER
         return max(1, sum(self.client.nthreads().values()))
 
     def run(
@@ -177,7 +188,7 @@ class DaskExecutor(AbstractExecutor):
         payload = ByValue.of(model, params)
         box = {"shared": client.scatter([payload], broadcast=True, hash=False)[0]}
         fp8 = spec.fingerprint[:8]
-        window = self.window or WINDOW_PER_THREAD * self.n_workers
+        window = self.window or WINDOW_PER_THREAD * self.n_threads
         pending = iter(todo)
         owner: dict[str, Tile] = {}
         inflight: dict[str, Any] = {}

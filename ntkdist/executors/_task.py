@@ -159,6 +159,7 @@ class ByValue:
         return cls(data, hashlib.sha256(data).hexdigest())
 
 
+COMPUTE_SLOT = threading.Semaphore(1)
 _loaded: OrderedDict[str, tuple[Model, Any]] = OrderedDict()
 _loaded_lock = threading.Lock()
 
@@ -186,6 +187,10 @@ def run_tile(
     """
     model, params = _load(model_params)
     model = canonical_model(spec.model_key, model)
-    block = compute_block(tile, spec, model, params)
+    # One tile computes at a time per process (it has every core, or the
+    # process's one accelerator); a second worker thread writes the previous
+    # tile meanwhile, so the write overlaps the next compute.
+    with COMPUTE_SLOT:
+        block = compute_block(tile, spec, model, params)
     kernel = _array(spec.store, "kernel", "r+", spec.fingerprint)
     return write_tile(kernel, tile, block, spec.output)
