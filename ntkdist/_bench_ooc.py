@@ -218,6 +218,7 @@ def run_watched(
         "killed": killed,
         "progress_at_kill": at_kill,
         "survivors_of_kill": survivors,
+        "log_head": text[:2000],
         "log_tail": text[-2000:],
         **watch.figures(),
     }
@@ -306,7 +307,7 @@ def run_ooc(
             raise RuntimeError(f"the resumed run failed:\n{second['log_tail']}")
         final = ntkdist.open(store)
         done, total = final.progress()
-        computing = _computing(second["log_tail"])
+        computing = _computing(second["log_head"])
         log(
             f"run 2: {second['seconds']:.1f} s, computed "
             f"{computing if computing is not None else '?'} tiles; {done}/{total} done"
@@ -339,7 +340,6 @@ def run_ooc(
             "killed": first["killed"],
             "tiles_done_before_kill": after_kill[0],
             "tiles_computed_after": computing,
-            "tiles_recomputed": None if computing is None else total - after_kill[0],
             "survivors_of_kill": first["survivors_of_kill"],
             "first_run": first,
             "second_run": second,

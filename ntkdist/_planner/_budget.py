@@ -8,8 +8,9 @@ import re
 from .._errors import PlanError
 
 # Resident memory of a Dask worker process with JAX imported and one tile
-# function compiled (measured on CPU with ``python -m ntkdist._engine_bench``).
-WORKER_BASELINE_BYTES = 400 * 2**20
+# function compiled (measured on CPU with ``python -m ntkdist._engine_bench
+# --sections memory``: 300 MiB at N = 2000 with a small MLP).
+WORKER_BASELINE_BYTES = 300 * 2**20
 # Temporaries XLA allocates beside a strategy's own arrays, as a multiple of
 # the strategy's predicted bytes.
 XLA_OVERHEAD = 2.0
