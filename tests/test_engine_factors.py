@@ -13,6 +13,7 @@ import zarr
 from distributed import Client, LocalCluster
 
 import ntkdist
+import ntkdist.testing
 from ntkdist._compute import plan_job, prepare, repair, with_strategy
 from ntkdist._planner import CostModel, make_plan
 from ntkdist._planner._plan import DEFAULT_FLOP_RATE, READ_RATE
@@ -261,3 +262,32 @@ def test_auto_picks_the_strategy_with_the_smallest_predicted_job_time():
         chosen.fields["strategy"]
         == with_strategy(job, chosen.strategy).fields["strategy"]
     )
+
+
+def test_jacobian_rows_are_reused_too(tmp_path, data):
+    p, x1, _ = data
+    none = _compute(
+        tmp_path,
+        "n.zarr",
+        p,
+        x1,
+        None,
+        output="full",
+        cache="none",
+        strategy="jacobian",
+    )
+    assert CACHE.computed == 4 + 2 * 6
+    mem = _compute(
+        tmp_path,
+        "m.zarr",
+        p,
+        x1,
+        None,
+        output="full",
+        cache="memory",
+        strategy="jacobian",
+    )
+    assert mem.plan.strategy == "jacobian" and CACHE.computed == 4
+    np.testing.assert_array_equal(mem.kernel[...], none.kernel[...])
+    ref = ntkdist.testing.reference_ntk(mlp, p, x1, None, output="full")
+    np.testing.assert_allclose(mem.kernel[...], ref, rtol=1e-10, atol=1e-13)
