@@ -55,8 +55,8 @@ from .storage._zarr import is_url
 NOMINAL_TILE = 256
 # Tile sides at which a strategy's cost is evaluated to fit the cost model.
 COST_PROBE = 16
-# Largest probe tile timed to measure the FLOP rate.
-RATE_PROBE = 128
+# Largest probe tile timed to measure the FLOP rates.
+RATE_PROBE = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,16 +177,33 @@ def cost_model(job: Job) -> CostModel:
     )
 
 
-def measure_rate(job: Job, plan: Plan, cost: CostModel) -> float:
-    """FLOP/s of one tile computed here, on a probe tile of up to ``RATE_PROBE``."""
+def measure_rate(job: Job, plan: Plan, cost: CostModel) -> tuple[float, float | None]:
+    """FLOP/s of contractions and of factor passes, measured here.
+
+    Uses the jitted functions the workers run, on a probe block of up to
+    ``RATE_PROBE`` samples (compiled first, then timed once). The factor rate
+    is ``None`` for strategies whose factors cost nothing.
+    """
+    from .executors._factors import contract_fn
+
     p = min(plan.tile_rows, plan.tile_cols, RATE_PROBE)
     x = jnp.asarray(np.asarray(job.x1[:p]))
     if len(x) < p:
-        return 0.0
-    job.strategy.tile(job.model, job.params, x, x[::-1], job.output).block_until_ready()
-    t0 = time.perf_counter()
-    job.strategy.tile(job.model, job.params, x, x[::-1], job.output).block_until_ready()
-    return cost.tile_flops(p, p) / max(time.perf_counter() - t0, 1e-9)
+        return 0.0, None
+    args = (job.strategy, job.model, job.output, job.params)
+
+    def timed(fn: Any, *a: Any) -> tuple[Any, float]:
+        jax.block_until_ready(fn(*args, *a))  # compile
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(fn(*args, *a))
+        return out, max(time.perf_counter() - t0, 1e-9)
+
+    f1, t_factors = timed(factors_fn, x)
+    f2 = jax.block_until_ready(factors_fn(*args, x[::-1]))
+    _, t_contract = timed(contract_fn, f1, f2)
+    c, a, _, d = cost.flops
+    factor_rate = a * p / t_factors if a > 0 else None
+    return max(0.0, c + d * p * p) / t_contract, factor_rate
 
 
 def with_strategy(job: Job, strategy: AbstractKernelStrategy) -> Job:
@@ -234,10 +251,9 @@ def plan_job(
         raise errors[0]
     _, _, job, best = min(plans, key=lambda t: (t[0], t[1]))
     if probe:
+        rate, factor_rate = measure_rate(job, best, cost_model(job))
         best = dataclasses.replace(
-            best,
-            flop_rate=measure_rate(job, best, cost_model(job)),
-            parallel=_parallel(workers),
+            best, flop_rate=rate, factor_rate=factor_rate, parallel=_parallel(workers)
         )
     return job, best
 

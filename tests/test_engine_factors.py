@@ -4,6 +4,7 @@ planner's choices (cache level, auto strategy) follow its predictions."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax.numpy as jnp
@@ -241,6 +242,15 @@ def test_plan_estimates_include_factor_store_reads():
     # FLOPs over two workers' devices; factor I/O and the kernel's write after.
     assert p.est_seconds == pytest.approx(
         p.total_flops / 1e10 / 2 + p.read_bytes / READ_RATE + p.bytes_on_disk / 1e9
+    )
+    # Factor passes at their own measured rate, contractions at theirs.
+    q = _plan(cache="memory", flop_rate=1e10)
+    contract = 136 * 1e4 * 256 * 256
+    assert q.factor_flops > 0
+    assert q.factor_flops == pytest.approx(q.total_flops - contract)
+    q2 = dataclasses.replace(q, factor_rate=1e9)
+    assert q2.est_seconds == pytest.approx(
+        (contract / 1e10 + q.factor_flops / 1e9) / 2 + q.bytes_on_disk / 1e9
     )
 
 

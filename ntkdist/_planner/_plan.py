@@ -47,7 +47,10 @@ class Plan:
         total_flops: predicted FLOPs of all tiles.
         peak_bytes_per_worker: predicted peak resident bytes of one worker.
         bytes_on_disk: kernel bytes before compression.
-        flop_rate: FLOP/s of one worker measured on a probe tile (or ``None``).
+        flop_rate: FLOP/s of one worker's contractions, measured on a probe
+            tile (or ``None``).
+        factor_rate: FLOP/s of one worker's factor passes, measured on a
+            probe block (``None``: ``flop_rate``).
         cache: where blocks' factors are kept between tiles: ``"none"``
             (recomputed for every tile), ``"memory"`` (each worker's cache)
             or ``"store"`` (also a Zarr factor store beside the kernel).
@@ -56,6 +59,7 @@ class Plan:
         flops_no_reuse: total FLOPs if factors were recomputed for every tile.
         read_bytes: predicted bytes of factors written to and read back from
             the factor store.
+        factor_flops: the factor passes' share of ``total_flops``.
         parallel: devices the measured rate scales over (``0``: ``workers``).
             Workers sharing one CPU share its cores, so a probe that used
             them all gives ``1``; one GPU per worker gives ``workers``.
@@ -88,6 +92,8 @@ class Plan:
     flops_no_reuse: float = 0.0
     read_bytes: float = 0.0
     parallel: int = 0
+    factor_flops: float = 0.0
+    factor_rate: float | None = None
 
     def __post_init__(self) -> None:
         """Check the plan is self-consistent."""
@@ -132,7 +138,11 @@ class Plan:
         if not self.flop_rate:
             return None
         parallel = max(1, min(self.parallel or self.workers, self.n_tiles))
-        compute = self.total_flops / self.flop_rate / parallel
+        factor_rate = self.factor_rate or self.flop_rate
+        compute = (
+            (self.total_flops - self.factor_flops) / self.flop_rate
+            + self.factor_flops / factor_rate
+        ) / parallel
         return compute + self.read_bytes / READ_RATE + self.bytes_on_disk / WRITE_RATE
 
     def tiles(self) -> tuple[Tile, ...]:
@@ -156,7 +166,12 @@ class Plan:
         rate = (
             "not measured"
             if not self.flop_rate
-            else f"{self.flop_rate / 1e9:.2f} GFLOP/s"
+            else f"{self.flop_rate / 1e9:.2f} GFLOP/s contracting"
+            + (
+                f", {self.factor_rate / 1e9:.2f} GFLOP/s computing factors"
+                if self.factor_rate
+                else ""
+            )
         )
         budget = (
             "none" if self.memory_budget is None else format_bytes(self.memory_budget)
@@ -320,6 +335,8 @@ def make_plan(
     else:
         raise PlanError(f"cache={cache!r}; expected 'auto' or one of {CACHE_LEVELS}.")
     flops, read = figures[level]
+    c, _, _, d = cost.flops
+    contract = plan.n_tiles * max(0.0, c + d * tr * tc)
     held = (
         0.0
         if level == "none"
@@ -337,6 +354,7 @@ def make_plan(
         factor_bytes=_all_factor_bytes(plan, factor_bytes_per_sample),
         flops_no_reuse=figures["none"][0],
         read_bytes=read,
+        factor_flops=max(0.0, flops - contract),
     )
 
 
