@@ -31,7 +31,7 @@ from .executors import (
     read_block,
 )
 from .executors._factors import (
-    create_factor_store,
+    create_factor_stores,
     factor_bytes_per_sample,
     factors_fn,
     forget_job,
@@ -234,24 +234,24 @@ def plan_job(
     candidates = [job]
     if job.auto:
         candidates = [with_strategy(job, get(name)) for name in STRATEGIES]
-    plans: list[tuple[float, int, Job, Plan]] = []
+    plans: list[tuple[float, int, Job, Plan, CostModel]] = []
     errors: list[PlanError] = []
     for k, cand in enumerate(candidates):
         try:
-            p = _plan_one(cand, tile, memory_budget, workers, cache)
+            p, cost = _plan_one(cand, tile, memory_budget, workers, cache)
         except PlanError as e:
             errors.append(e)
             continue
         seconds = p.total_flops / DEFAULT_FLOP_RATE + p.read_bytes / READ_RATE
         # Ties go to structured (the first among equals below).
         plans.append(
-            (seconds, 0 if cand.strategy.name == "structured" else 1 + k, cand, p)
+            (seconds, 0 if cand.strategy.name == "structured" else 1 + k, cand, p, cost)
         )
     if not plans:
         raise errors[0]
-    _, _, job, best = min(plans, key=lambda t: (t[0], t[1]))
+    _, _, job, best, cost = min(plans, key=lambda t: (t[0], t[1]))
     if probe:
-        rate, factor_rate = measure_rate(job, best, cost_model(job))
+        rate, factor_rate = measure_rate(job, best, cost)
         best = dataclasses.replace(
             best, flop_rate=rate, factor_rate=factor_rate, parallel=_parallel(workers)
         )
@@ -266,7 +266,8 @@ def _parallel(workers: int) -> int:
 
 def _plan_one(
     job: Job, tile: int | None, memory_budget: Any, workers: int, cache: str
-) -> Plan:
+) -> tuple[Plan, CostModel]:
+    """The plan of ``job`` with its own strategy, and that strategy's cost model."""
     cost = cost_model(job)
     per_sample = factor_bytes_per_sample(
         job.strategy,
@@ -276,7 +277,7 @@ def _plan_one(
         job.probe.dtype,
         job.output,
     )
-    return make_plan(
+    the_plan = make_plan(
         n1=job.n1,
         n2=job.n2,
         out_dim=job.out_dim,
@@ -291,6 +292,7 @@ def _plan_one(
         factor_bytes_per_sample=per_sample,
         cache=cache,
     )
+    return the_plan, cost
 
 
 def plan(
@@ -721,23 +723,6 @@ def _forget(runner: AbstractExecutor, spec: TileSpec) -> None:
             client.run(forget_job, spec.fingerprint, spec.store)
 
 
-def _create_factor_stores(
-    kstore: KernelStore, spec: TileSpec, model: Model, params: Any
-) -> None:
-    """Create the factor arrays of each input side (before any task runs)."""
-    p = kstore.plan
-    sides = [("x1", spec.x1, p.tile_rows, p.grid[0])]
-    if spec.x2 is not None:
-        sides.append(("x2", spec.x2, p.tile_cols, p.grid[1]))
-    for side, src, size, blocks in sides:
-        x = read_block(src, (0, 1), size)
-        out = jax.eval_shape(
-            lambda q, v: factors_fn(spec.strategy, model, spec.output, q, v), params, x
-        )
-        items = sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(out))
-        create_factor_store(spec.store, side, blocks, items, spec.dtype)
-
-
 def _qualname(fn: Any) -> str:
     return f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', repr(fn))}"
 
@@ -815,7 +800,7 @@ def _run(
         return
     spec = _spec_of(kstore, strategy, cache)
     if spec.cache == "store":
-        _create_factor_stores(kstore, spec, model, params)
+        create_factor_stores(spec, kstore.plan.grid, model, params)
 
     with runner:
         bar = Progress(done=done, total=total, stream=out, enabled=progress)

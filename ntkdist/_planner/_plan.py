@@ -324,10 +324,13 @@ def make_plan(
             if memory_budget is None
             else max(0.0, memory_budget - worker)
         )
-    figures = {
+    c, _, _, d = cost.flops
+    contract = plan.n_tiles * max(0.0, c + d * tr * tc)
+    passes = {
         level: _reuse_figures(plan, cost, level, factor_bytes_per_sample, cache_budget)
         for level in CACHE_LEVELS
     }
+    figures = {k: (contract + f, r) for k, (f, r) in passes.items()}
     if cache == "auto":
         level = choose_cache(figures, factor_bytes_per_sample, flop_rate)
     elif cache in CACHE_LEVELS:
@@ -335,8 +338,6 @@ def make_plan(
     else:
         raise PlanError(f"cache={cache!r}; expected 'auto' or one of {CACHE_LEVELS}.")
     flops, read = figures[level]
-    c, _, _, d = cost.flops
-    contract = plan.n_tiles * max(0.0, c + d * tr * tc)
     held = (
         0.0
         if level == "none"
@@ -354,7 +355,7 @@ def make_plan(
         factor_bytes=_all_factor_bytes(plan, factor_bytes_per_sample),
         flops_no_reuse=figures["none"][0],
         read_bytes=read,
-        factor_flops=max(0.0, flops - contract),
+        factor_flops=passes[level][0],
     )
 
 
@@ -367,41 +368,38 @@ def _all_factor_bytes(plan: Plan, per_sample: float) -> float:
 def _reuse_figures(
     plan: Plan, cost: CostModel, level: str, per_sample: float, budget: float
 ) -> tuple[float, float]:
-    """Predicted (FLOPs, bytes read from the factor store) of ``plan`` at ``level``.
+    """Factor-pass FLOPs and factor-store bytes (written and read) at ``level``.
 
     A tile's FLOPs are ``c + a·n1 + b·n2 + d·n1·n2``: ``a·n1`` and ``b·n2`` are
-    its two blocks' factor passes, the rest the contraction (a symmetric
-    diagonal tile makes one factor pass).
+    its two blocks' factor passes (a symmetric diagonal tile makes one), the
+    rest its contraction, which no level changes. Ragged blocks are padded
+    to the full tile, so every pass costs a full block's.
     """
-    c, a, b, d = cost.flops
+    _, a, b, _ = cost.flops
     tr, tc = plan.tile_rows, plan.tile_cols
-    tiles = plan.tiles()
-    # Ragged blocks are padded to the full tile, so every tile costs a full one.
-    contract = len(tiles) * max(0.0, c + d * tr * tc)
     g1, g2 = plan.grid
+    n_tiles = plan.n_tiles
+    diagonal = g1 if plan.symmetric else 0
+    cols = (n_tiles - diagonal) * b * tc  # column-block passes, one per tile
+    every_tile = n_tiles * a * tr + cols
     blocks = g1 * a * tr + (0.0 if plan.symmetric else g2 * b * tc)
-    every_tile = len(tiles) * (a * tr + b * tc) - sum(
-        b * tc for t in tiles if t.kind == "diagonal"
-    )
     if level == "none" or per_sample <= 0:
-        return contract + every_tile, 0.0
-    workers = max(1, min(plan.workers, len(tiles)))
+        return every_tile, 0.0
+    workers = max(1, min(plan.workers, n_tiles))
     block_bytes = per_sample * max(tr, tc)
-    fits_all = _all_factor_bytes(plan, per_sample) <= budget
+    total = _all_factor_bytes(plan, per_sample)
+    fits_all = total <= budget
     if level == "memory":
         if fits_all:  # each worker computes each block at most once
-            return contract + min(every_tile, workers * blocks), 0.0
+            return min(every_tile, workers * blocks), 0.0
         if budget < 2 * block_bytes:
-            return contract + every_tile, 0.0
+            return every_tile, 0.0
         # The row block stays hot along its row; column blocks are recomputed.
-        rows = min(every_tile, workers * g1 * a * tr)
-        cols = len(tiles) * b * tc - sum(b * tc for t in tiles if t.kind == "diagonal")
-        return contract + rows + cols, 0.0
+        return min(every_tile, workers * g1 * a * tr) + cols, 0.0
     # store: every block computed once and written; a worker reads back the
     # blocks others computed (all fit) or every block it no longer holds.
-    total = _all_factor_bytes(plan, per_sample)
-    reads = (workers - 1) * total if fits_all else 2 * len(tiles) * block_bytes
-    return contract + blocks, total + reads
+    reads = (workers - 1) * total if fits_all else 2 * n_tiles * block_bytes
+    return blocks, total + reads
 
 
 def choose_cache(

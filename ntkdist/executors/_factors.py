@@ -84,6 +84,22 @@ def tile_from_factors(
     return contract_fn(strategy, model, output, params, f1, f2)
 
 
+def factor_layout(
+    strategy: AbstractKernelStrategy,
+    model: Model,
+    output: str,
+    params: Any,
+    x: Any,
+) -> tuple[Any, list[tuple[tuple[int, ...], np.dtype[Any]]]]:
+    """Tree structure and ``(shape, dtype)`` of each factor of the inputs ``x``
+    (an array or a ``jax.ShapeDtypeStruct``), from shapes alone: nothing runs."""
+    out = jax.eval_shape(
+        lambda p, v: factors_fn(strategy, model, output, p, v), params, x
+    )
+    leaves, treedef = jax.tree_util.tree_flatten(out)
+    return treedef, [(tuple(a.shape), np.dtype(a.dtype)) for a in leaves]
+
+
 def factor_bytes_per_sample(
     strategy: AbstractKernelStrategy,
     model: Model,
@@ -96,13 +112,8 @@ def factor_bytes_per_sample(
 
     def size(n: int) -> int:
         x = jax.ShapeDtypeStruct((n, *x_shape), x_dtype)
-        out = jax.eval_shape(
-            lambda p, v: strategy.factors(model, p, v, output), params, x
-        )
-        return sum(
-            math.prod(a.shape) * np.dtype(a.dtype).itemsize
-            for a in jax.tree_util.tree_leaves(out)
-        )
+        _, shapes = factor_layout(strategy, model, output, params, x)
+        return sum(math.prod(shape) * dtype.itemsize for shape, dtype in shapes)
 
     return float(size(2) - size(1))
 
@@ -181,21 +192,36 @@ def side_name(spec: TileSpec, src: InputSource) -> str:
 # -- the Zarr factor store ---------------------------------------------------
 
 
-_templates: dict[tuple[str, int], Any] = {}
+_templates: dict[tuple[str, str, int], Any] = {}
 
 
 def _template(
-    spec: TileSpec, model: Model, params: Any, x: np.ndarray
-) -> tuple[Any, list[tuple[tuple[int, ...], Any]]]:
-    key = (spec.fingerprint, len(x))
-    if key in _templates:
-        return _templates[key]
-    out = jax.eval_shape(
-        lambda p, v: factors_fn(spec.strategy, model, spec.output, p, v), params, x
-    )
-    leaves, treedef = jax.tree_util.tree_flatten(out)
-    _templates[key] = (treedef, [(tuple(a.shape), np.dtype(a.dtype)) for a in leaves])
+    spec: TileSpec, model: Model, params: Any, src: InputSource, size: int
+) -> tuple[Any, list[tuple[tuple[int, ...], np.dtype[Any]]]]:
+    """The factor layout of one padded block of ``src`` (cached per job)."""
+    from ._task import _array
+
+    key = (spec.fingerprint, side_name(spec, src), size)
+    if key not in _templates:
+        arr = _array(src.root, src.path, "r", spec.fingerprint)
+        dtype = jax.dtypes.canonicalize_dtype(arr.dtype)  # as jnp.asarray sees it
+        x = jax.ShapeDtypeStruct((size, *arr.shape[1:]), dtype)
+        _templates[key] = factor_layout(spec.strategy, model, spec.output, params, x)
     return _templates[key]
+
+
+def create_factor_stores(
+    spec: TileSpec, grid: tuple[int, int], model: Model, params: Any
+) -> None:
+    """Create the factor arrays of each input side (by the coordinator, before
+    any task runs)."""
+    sides = [("x1", spec.x1, spec.tile_rows, grid[0])]
+    if spec.x2 is not None:
+        sides.append(("x2", spec.x2, spec.tile_cols, grid[1]))
+    for side, src, size, blocks in sides:
+        _, shapes = _template(spec, model, params, src, size)
+        items = sum(math.prod(shape) for shape, _ in shapes)
+        create_factor_store(spec.store, side, blocks, items, spec.dtype)
 
 
 def create_factor_store(
@@ -296,13 +322,13 @@ def block_factors(
         hit = CACHE.get(key)
         if hit is not None:
             return hit
-    x = read_block(src, rows, size, spec.fingerprint)
     f = None
     if spec.cache == "store":
-        treedef, shapes = _template(spec, model, params, x)
+        treedef, shapes = _template(spec, model, params, src, size)
         f = _load_stored(spec, side, block, treedef, shapes)
         CACHE.loaded += f is not None
     if f is None:
+        x = read_block(src, rows, size, spec.fingerprint)
         f = factors_fn(spec.strategy, model, spec.output, params, x)
         CACHE.computed += 1
         if spec.cache == "store":
