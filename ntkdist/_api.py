@@ -10,6 +10,7 @@ import numpy as np
 
 from . import _inputs
 from ._model import ApplyFn, Model, as_model
+from ._precision import DEFAULT as DEFAULT_PRECISION, matmul_precision
 from .kernels import AbstractKernelStrategy, choose, get
 
 
@@ -25,6 +26,7 @@ def ntk(
     check_finite: bool = True,
     check_independence: bool = True,
     integer_inputs: bool = False,
+    precision: str = DEFAULT_PRECISION,
 ) -> np.ndarray:
     """The empirical NTK of ``apply_fn`` between ``x1`` and ``x2``, in memory.
 
@@ -56,6 +58,11 @@ def ntk(
         check_finite: refuse NaN/inf in params or inputs (an error, not a warning).
         check_independence: refuse models whose outputs couple samples.
         integer_inputs: allow integer inputs (token or class ids).
+        precision: float32 matrix-multiply precision: ``"highest"`` (true
+            float32, the default), or a faster reduced one where the hardware
+            has it: ``"tensorfloat32"``, ``"bfloat16"``, ``"default"`` (JAX's
+            backend default: TF32 on recent NVIDIA GPUs). No effect on CPUs
+            or in float64.
 
     Returns:
         A numpy array whose dtype follows the inputs' (float64 when jax's x64 is
@@ -73,6 +80,34 @@ def ntk(
         >>> ntkdist.ntk(f, p, jnp.ones((5, 3)), output="trace").shape
         (5, 5)
     """
+    with matmul_precision(precision):
+        return _ntk(
+            apply_fn,
+            params,
+            x1,
+            x2,
+            output=output,
+            strategy=strategy,
+            memory_budget=memory_budget,
+            check_finite=check_finite,
+            check_independence=check_independence,
+            integer_inputs=integer_inputs,
+        )
+
+
+def _ntk(
+    apply_fn: ApplyFn | Model,
+    params: Any,
+    x1: Any,
+    x2: Any | None,
+    *,
+    output: str,
+    strategy: str | AbstractKernelStrategy,
+    memory_budget: float | None,
+    check_finite: bool,
+    check_independence: bool,
+    integer_inputs: bool,
+) -> np.ndarray:
     _inputs.check_output(output)
     _inputs.check_strategy(strategy)
     _inputs.check_params(params, check_finite=check_finite)

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import ntkdist
+from ntkdist.executors._dask import default_workers
 
 from . import bench
 from ._model import Model
@@ -90,7 +91,7 @@ def run_kernel(
     fn, params, shape = bench.reference_mlp()
     model = Model(fn)
     x = np.random.default_rng(0).normal(size=(n, *shape)).astype(np.float32)
-    n_workers = 1 if executor == "serial" else workers or os.cpu_count() or 1
+    n_workers = 1 if executor == "serial" else workers or default_workers()
     rows = []
     for output in outputs:
         tmp = tempfile.mkdtemp(prefix=f"ntkdist-bench-kernel-{output}-", dir=scratch)

@@ -190,7 +190,17 @@ def _job_args(p: argparse.ArgumentParser) -> None:
         "(recomputed); auto: the plan's predicted fastest",
     )
     p.add_argument(
-        "--workers", type=int, help="worker processes of the embedded LocalCluster"
+        "--workers",
+        type=int,
+        help="worker processes of the embedded cluster (default: one per GPU, "
+        "else one per core)",
+    )
+    p.add_argument(
+        "--precision",
+        default="highest",
+        choices=["highest", "high", "default", "tensorfloat32", "bfloat16"],
+        help="float32 matmul precision on GPUs/TPUs: highest (true float32, the "
+        "default) or faster reduced ones; no effect on CPUs or float64",
     )
     p.add_argument(
         "--integer-inputs",
@@ -284,6 +294,7 @@ def _cmd_compute(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         model_spec=canonical_model_spec(args.model),
         integer_inputs=args.integer_inputs,
+        precision=args.precision,
     )
     print(f"kernel {store.output} {store.kernel.shape} written to {store.path}")
     print(f"open it with: ntkdist.open({store.path!r}).kernel  (or .to_dask())")
@@ -309,6 +320,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         workers=args.workers,
         probe=not args.no_probe,
         cache=args.cache,
+        precision=args.precision,
     )
     print(the_plan.to_json() if args.json else the_plan)
     return 0
@@ -396,6 +408,9 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
+    # This process only checks, plans and coordinates; on a GPU node its JAX
+    # must not reserve most of the device that the workers compute on.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     args = build_parser().parse_args(argv)
     try:
         rc = args.func(args)

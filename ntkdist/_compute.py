@@ -21,6 +21,11 @@ from ._errors import ExecutionError, InputError, PlanError, StoreError
 from ._model import ApplyFn, Model, as_model
 from ._planner import CostModel, Plan, Tile, make_plan, parse_bytes
 from ._planner._plan import DEFAULT_FLOP_RATE, READ_RATE
+from ._precision import (
+    DEFAULT as DEFAULT_PRECISION,
+    current as current_precision,
+    matmul_precision,
+)
 from .executors import (
     AbstractExecutor,
     DaskExecutor,
@@ -30,6 +35,7 @@ from .executors import (
     TileSpec,
     read_block,
 )
+from .executors._dask import default_workers
 from .executors._factors import (
     create_factor_stores,
     factor_bytes_per_sample,
@@ -74,6 +80,7 @@ class Job:
     probe: np.ndarray
     fields: dict[str, str]
     auto: bool = False
+    precision: str = DEFAULT_PRECISION
 
     @property
     def n1(self) -> int:
@@ -101,6 +108,7 @@ def prepare(
     """Validate the arguments once and fingerprint model, params and inputs.
 
     Inputs are read in row blocks (zarr and dask inputs are never loaded whole).
+    Runs at the matmul precision in force (``compute`` and ``plan`` set it).
 
     Raises:
         InputError: an argument is malformed.
@@ -133,6 +141,7 @@ def prepare(
         "output": digest(output),
         "strategy": digest(repr(chosen)),
         "dtype": digest(dtype),
+        "precision": digest(current_precision()),
         "versions": digest(ntkdist.__version__, jax.__version__),
     }
     return Job(
@@ -147,6 +156,7 @@ def prepare(
         probe,
         fields,
         auto=strategy == "auto",
+        precision=current_precision(),
     )
 
 
@@ -308,6 +318,7 @@ def plan(
     workers: int | None = None,
     probe: bool = True,
     cache: str = "auto",
+    precision: str = DEFAULT_PRECISION,
 ) -> Plan:
     """The plan ``compute`` would follow, without computing or storing anything.
 
@@ -324,6 +335,7 @@ def plan(
         probe: time one small tile here to predict the wall time.
         cache: where factors are kept between tiles (``"auto"``, ``"none"``,
             ``"memory"``, ``"store"``; see :func:`compute`).
+        precision: float32 matmul precision (see :func:`ntkdist.ntk`).
 
     Returns:
         The :class:`Plan`; ``print`` it for the figures.
@@ -336,15 +348,16 @@ def plan(
         >>> p.n_tiles
         6
     """
-    job = prepare(apply_fn, params, x1, x2, output=output, strategy=strategy)
-    return plan_job(
-        job,
-        tile=tile,
-        memory_budget=memory_budget,
-        workers=workers or os.cpu_count() or 1,
-        probe=probe,
-        cache=cache,
-    )[1]
+    with matmul_precision(precision):
+        job = prepare(apply_fn, params, x1, x2, output=output, strategy=strategy)
+        return plan_job(
+            job,
+            tile=tile,
+            memory_budget=memory_budget,
+            workers=workers or default_workers(),
+            probe=probe,
+            cache=cache,
+        )[1]
 
 
 def compute(
@@ -373,6 +386,7 @@ def compute(
     check_finite: bool = True,
     check_independence: bool = True,
     integer_inputs: bool = False,
+    precision: str = DEFAULT_PRECISION,
 ) -> KernelStore:
     """Compute the empirical NTK tile by tile into a Zarr store; resumable.
 
@@ -418,6 +432,8 @@ def compute(
         check_finite: refuse NaN/inf in params or inputs.
         check_independence: refuse models whose outputs couple samples.
         integer_inputs: allow integer inputs (token or class ids).
+        precision: float32 matmul precision (see :func:`ntkdist.ntk`); part
+            of the fingerprint.
 
     Returns:
         The finished store, opened read-only (``.kernel`` is the zarr array).
@@ -440,6 +456,62 @@ def compute(
         >>> s.complete, s.kernel.shape
         (True, (5, 5))
     """
+    with matmul_precision(precision):
+        return _compute(
+            apply_fn,
+            params,
+            x1,
+            x2,
+            store=store,
+            output=output,
+            strategy=strategy,
+            tile=tile,
+            memory_budget=memory_budget,
+            cache=cache,
+            client=client,
+            scheduler=scheduler,
+            workers=workers,
+            executor=executor,
+            overwrite=overwrite,
+            progress=progress,
+            model_spec=model_spec,
+            window=window,
+            retries=retries,
+            resources=resources,
+            stream=stream,
+            check_finite=check_finite,
+            check_independence=check_independence,
+            integer_inputs=integer_inputs,
+        )
+
+
+def _compute(
+    apply_fn: ApplyFn | Model,
+    params: Any,
+    x1: Any,
+    x2: Any | None,
+    *,
+    store: str | os.PathLike[str],
+    output: str,
+    strategy: str | AbstractKernelStrategy,
+    tile: int | None,
+    memory_budget: Any,
+    cache: str,
+    client: Any,
+    scheduler: str | None,
+    workers: int | None,
+    executor: str | AbstractExecutor | None,
+    overwrite: bool,
+    progress: bool,
+    model_spec: str | None,
+    window: int | None,
+    retries: int,
+    resources: dict[str, float] | None,
+    stream: TextIO | None,
+    check_finite: bool,
+    check_independence: bool,
+    integer_inputs: bool,
+) -> KernelStore:
     path = os.fspath(store)
     out = stream or sys.stderr
     job = prepare(
@@ -551,10 +623,11 @@ def repair(
             spec = _spec_of(kstore)
 
             probe = read_block(spec.x1, (0, 1), 1)
-            new = {
-                "model": model_digest(model, params, probe),
-                "params": params_digest(params),
-            }
+            with matmul_precision(spec.precision):
+                new = {
+                    "model": model_digest(model, params, probe),
+                    "params": params_digest(params),
+                }
             check_same_job({k: kstore.fields[k] for k in new}, new, path)
             kstore.clear_tiles(corrupt)
             runner = _executor(
@@ -684,6 +757,7 @@ def _create_or_resume(
         "strategy": job.strategy.name,
         "strategy_repr": repr(job.strategy),
         "dtype": job.dtype,
+        "precision": job.precision,
         "tile": [the_plan.tile_rows, the_plan.tile_cols],
         "fields": fields,
         "fingerprint": fingerprint(fields),
@@ -775,7 +849,14 @@ def _spec_of(
         model_key=kstore.fields.get("model", ""),
         cache=cache[0] if cache else p.cache,
         cache_bytes=cache[1] if cache else p.cache_bytes,
+        precision=stored_precision(kstore),
     )
+
+
+def stored_precision(kstore: KernelStore) -> str:
+    """The precision a store's job computes at (stores written before the
+    setting existed computed at JAX's default)."""
+    return str(kstore.attrs.get("precision", "default"))
 
 
 def _run(

@@ -373,6 +373,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     jax.config.update("jax_enable_x64", True)
+    # The loops run at the precision compute uses (TF32 would differ on GPUs).
+    jax.config.update("jax_default_matmul_precision", "highest")
     tmp = args.dir or tempfile.mkdtemp(prefix="ntkdist-bench-")
     sections = args.sections.split(",")
     print(

@@ -10,6 +10,7 @@ import numpy as np
 
 from ._errors import InputError, ModelError
 from ._model import Model
+from ._precision import independence_tolerance
 from .kernels import OUTPUTS, STRATEGIES, AbstractKernelStrategy
 
 
@@ -153,7 +154,7 @@ def _check_independent(model: Model, params: Any, x: Any) -> None:
     xs = jnp.asarray(x[: min(4, x.shape[0])])
     batched = model(params, xs)
     alone = jnp.concatenate([model(params, xs[i : i + 1]) for i in range(xs.shape[0])])
-    tol = 1e-4 if batched.dtype == jnp.float32 else 1e-9
+    tol = independence_tolerance(str(batched.dtype))
     scale = float(jnp.max(jnp.abs(alone))) + 1.0
     if float(jnp.max(jnp.abs(batched - alone))) > tol * scale:
         raise ModelError(

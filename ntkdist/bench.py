@@ -416,7 +416,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--workers",
         type=int,
-        help="workers of the embedded LocalCluster (kernel, ooc; default CPUs)",
+        help="workers of the embedded cluster (kernel, ooc; default: one per GPU, "
+        "else one per core)",
     )
     g.add_argument(
         "--executor",
@@ -473,7 +474,19 @@ def _jsonable(value: Any) -> Any:
 
 
 def main_from_args(args: argparse.Namespace) -> int:
-    """Run the chosen sections; print a table per section and write the JSON."""
+    """Run the chosen sections; print a table per section and write the JSON.
+
+    Everything runs at ntkdist's default matmul precision (``"highest"``), the
+    precision ``compute`` uses, so that reference loops and tiles are timed
+    at the accuracy users get (on GPUs, JAX's own default would be TF32).
+    """
+    from ._precision import DEFAULT, matmul_precision
+
+    with matmul_precision(DEFAULT):
+        return _main_from_args(args)
+
+
+def _main_from_args(args: argparse.Namespace) -> int:
     from . import _bench_kernel, _bench_ooc, _bench_sections
 
     sections = [s for s in args.sections.split(",") if s]

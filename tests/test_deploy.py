@@ -194,6 +194,7 @@ def test_tls_script_writes_the_set(tmp_path):
 
 @pytest.fixture(scope="module")
 def slurm_script(tls_dir):
+    pytest.importorskip("dask_jobqueue", reason="the deploy extra is not installed")
     slurm = load("slurm")
     with slurm.make_cluster(
         tls_dir=str(tls_dir),
@@ -420,6 +421,9 @@ def test_multi_gpu_node_layout_without_dask_cuda(tls_dir):
     """Two 'GPU' workers (no GPU needed: JAX's backend is never started)."""
     node = load("multi_gpu_node")
     with (
+        # On a machine with fewer than two GPUs, distributed's NVML monitor
+        # would look up the absent device "1" and stop the nanny.
+        dask.config.set({"distributed.diagnostics.nvml": False}),
         node.make_cluster(tls_dir=str(tls_dir), n_gpus=2, use_dask_cuda=False) as cl,
         Client(cl, security=cl.security) as client,
     ):
@@ -565,7 +569,10 @@ def test_one_worker_per_gpu_computes_the_kernel(tls_dir, tmp_path):
     # Each worker's first visible device is a different physical GPU.
     assert len({v[0].split(",")[0] for v in views.values()}) == n
     want = ntkdist.ntk(_mlp, params, x, output="trace")
-    np.testing.assert_allclose(np.asarray(store.kernel[...]), want, rtol=1e-4)
+    # float32 on two devices: entries near zero carry the large ones' rounding.
+    np.testing.assert_allclose(
+        np.asarray(store.kernel[...]), want, rtol=1e-4, atol=1e-6 * np.abs(want).max()
+    )
 
 
 # -- the command line over TLS ------------------------------------------------------

@@ -44,8 +44,9 @@ def test_additive_over_parameter_leaves(name):
             lv[k] = leaf
             return f(jax.tree_util.tree_unflatten(treedef, lv), x)
 
-        parts.append(ntkdist.ntk(only_k, leaves[k], x1, x2, output="full",
-                                 strategy="structured"))
+        parts.append(
+            ntkdist.ntk(only_k, leaves[k], x1, x2, output="full", strategy="structured")
+        )
     assert_kernel_close(sum(parts), total, rtol=1e-10)
 
 
@@ -93,8 +94,10 @@ def test_wide_relu_mlp_converges_to_infinite_width_ntk():
     for width in (64, 256, 1024):
         dims = [8] + [width] * depth + [outputs]
         keys = jax.random.split(jax.random.PRNGKey(width), depth + 1)
-        p = [jax.random.normal(k, (seeds, a, b), dtype=jnp.float64)
-             for k, a, b in zip(keys, dims[:-1], dims[1:], strict=True)]
+        p = [
+            jax.random.normal(k, (seeds, a, b), dtype=jnp.float64)
+            for k, a, b in zip(keys, dims[:-1], dims[1:], strict=True)
+        ]
         k = ntkdist.ntk(ensemble_mlp, p, x, output="trace", strategy="structured")
         errors[width] = np.linalg.norm(k - ref) / np.linalg.norm(ref)
     assert errors[256] < 2e-2, errors

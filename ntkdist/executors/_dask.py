@@ -10,7 +10,14 @@ from collections.abc import Sequence
 from itertools import islice
 from typing import Any, TextIO, final
 
-from distributed import Client, LocalCluster, as_completed
+from distributed import (
+    Client,
+    LocalCluster,
+    Nanny,
+    Scheduler,
+    SpecCluster,
+    as_completed,
+)
 from distributed.client import FutureCancelledError
 from distributed.comm.core import CommClosedError
 from distributed.diagnostics.plugin import WorkerPlugin
@@ -42,6 +49,66 @@ def jax_worker_env(x64: bool) -> dict[str, str]:
     if "JAX_PLATFORMS" in os.environ:
         env["JAX_PLATFORMS"] = os.environ["JAX_PLATFORMS"]
     return env
+
+
+def local_gpus() -> list[str]:
+    """The CUDA devices this process's JAX sees, as ``CUDA_VISIBLE_DEVICES`` values.
+
+    Empty unless JAX's default backend here is a GPU. JAX numbers the devices
+    it sees from 0; with ``CUDA_VISIBLE_DEVICES`` set those are positions in
+    it, so the values returned are what a child process must be given to see
+    the same physical device.
+    """
+    import jax
+
+    if jax.default_backend() != "gpu":
+        return []
+    ids = [d.id for d in jax.local_devices()]
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")]
+    visible = [v for v in visible if v]
+    if visible:
+        return [visible[i] for i in ids if i < len(visible)]
+    return [str(i) for i in ids]
+
+
+def default_workers() -> int:
+    """Worker processes an embedded cluster starts: one per GPU, else per core."""
+    return len(local_gpus()) or os.cpu_count() or 1
+
+
+def gpu_cluster(gpus: Sequence[str], x64: bool) -> SpecCluster:
+    """A local cluster with one worker process per GPU, each seeing only its own.
+
+    Each worker has ``CUDA_VISIBLE_DEVICES`` set to one device,
+    ``JAX_PLATFORMS=cuda``, no memory preallocation (so several processes,
+    the coordinator among them, can share a device), the ``GPU=1`` resource
+    and two threads: one computes a tile on the GPU while the other writes
+    the previous one.
+    """
+    env = {**jax_worker_env(x64), "JAX_PLATFORMS": "cuda"}
+    workers = {
+        f"gpu-{dev}": {
+            "cls": Nanny,
+            "options": {
+                "nthreads": THREADS_PER_WORKER,
+                "resources": {"GPU": 1},
+                "env": {**env, "CUDA_VISIBLE_DEVICES": dev},
+                "host": "127.0.0.1",
+                "silence_logs": logging.ERROR,
+            },
+        }
+        for dev in gpus
+    }
+    scheduler = {
+        "cls": Scheduler,
+        "options": {"host": "127.0.0.1", "dashboard_address": ":0"},
+    }
+    return SpecCluster(
+        workers=workers,
+        scheduler=scheduler,
+        silence_logs=logging.ERROR,
+        name="ntkdist-gpus",
+    )
 
 
 @final
@@ -78,17 +145,20 @@ class JaxWorkerPlugin(WorkerPlugin):
 class DaskExecutor(AbstractExecutor):
     """Run tiles on a Dask cluster, recording each as it finishes.
 
-    With neither ``client`` nor ``address`` it starts an embedded
-    ``LocalCluster`` of worker processes (one per core by default, each
-    with two threads: one computes a tile while the other writes the last
-    one) and closes it afterwards. Params and the model are
+    With neither ``client`` nor ``address`` it starts an embedded cluster of
+    worker processes and closes it afterwards: where JAX here sees GPUs, one
+    worker per GPU pinned to it (:func:`gpu_cluster`), else a
+    ``LocalCluster`` of one worker per core; each worker has two threads (one
+    computes a tile while the other writes the last one). Params and the model are
     scattered once to every worker; tasks have keys ``ntk-<fp8>-<i>-<j>``,
     ``retries`` and a bounded window of futures.
 
     Args:
         client: an existing client (left open).
         address: a scheduler address to connect to.
-        n_workers: workers of the embedded cluster (default: CPU count).
+        n_workers: workers of the embedded cluster (default: one per GPU
+            where JAX sees GPUs, else one per core). On GPUs, at most one
+            per GPU.
         x64: whether the job computes in float64 (sets the workers' JAX).
         window: futures in flight (default: 2 per worker thread).
         retries: retries of a failed task.
@@ -121,7 +191,7 @@ class DaskExecutor(AbstractExecutor):
         self.stream = stream
         self.verbose = verbose
         self.client: Client | None = client
-        self._cluster: LocalCluster | None = None
+        self._cluster: LocalCluster | SpecCluster | None = None
         self._own_client = False
 
     def __enter__(self) -> DaskExecutor:
@@ -129,6 +199,11 @@ class DaskExecutor(AbstractExecutor):
         if self.client is None:
             if self.address is not None:
                 self.client = Client(self.address)
+            elif gpus := local_gpus():
+                self._cluster = gpu_cluster(
+                    gpus[: self.requested_workers or len(gpus)], self.x64
+                )
+                self.client = Client(self._cluster)
             else:
                 self._cluster = LocalCluster(
                     n_workers=self.requested_workers or os.cpu_count() or 1,
@@ -161,6 +236,8 @@ class DaskExecutor(AbstractExecutor):
     def n_workers(self) -> int:
         """Worker processes of the cluster (each computes one tile at a time)."""
         if self.client is None:
+            if self._given is None and self.address is None and local_gpus():
+                return min(self.requested_workers or 10**9, len(local_gpus()))
             return self.requested_workers or os.cpu_count() or 1
         return max(1, len(self.client.nthreads()))
 

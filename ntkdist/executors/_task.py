@@ -19,6 +19,7 @@ import zarr
 
 from .._model import Model
 from .._planner import Tile
+from .._precision import DEFAULT as DEFAULT_PRECISION, matmul_precision
 from ..kernels import AbstractKernelStrategy
 from ..storage import write_tile
 from ._factors import tile_block
@@ -52,6 +53,8 @@ class TileSpec:
         cache: where blocks' factors are kept between tiles: ``"none"``,
             ``"memory"`` or ``"store"`` (see ``ntkdist.executors._factors``).
         cache_bytes: capacity of each worker's factor cache.
+        precision: the matmul precision the job computes at (see
+            ``ntkdist._precision``).
     """
 
     store: str
@@ -66,6 +69,7 @@ class TileSpec:
     model_key: str = ""
     cache: str = "none"
     cache_bytes: float = 0.0
+    precision: str = DEFAULT_PRECISION
 
 
 _lock = threading.Lock()
@@ -190,7 +194,7 @@ def run_tile(
     # One tile computes at a time per process (it has every core, or the
     # process's one accelerator); a second worker thread writes the previous
     # tile meanwhile, so the write overlaps the next compute.
-    with COMPUTE_SLOT:
+    with COMPUTE_SLOT, matmul_precision(spec.precision):
         block = compute_block(tile, spec, model, params)
     kernel = _array(spec.store, "kernel", "r+", spec.fingerprint)
     return write_tile(kernel, tile, block, spec.output)

@@ -44,8 +44,14 @@ from ._base import (
 
 @functools.lru_cache(maxsize=64)
 def _analysis(
-    model: Model, treedef: Any, leaf_avals: tuple[Any, ...], x_aval: Any
+    model: Model,
+    treedef: Any,
+    leaf_avals: tuple[Any, ...],
+    x_aval: Any,
+    precision: str | None,
 ) -> _walk.Analysis:
+    # ``precision``: the traced jaxpr records the matmul precision in force,
+    # so a walk is reused only at the precision it was traced with.
     avals = [jax.ShapeDtypeStruct(s, d) for s, d in leaf_avals]
     return _walk.analyse(model, avals, treedef, jax.ShapeDtypeStruct(*x_aval))
 
@@ -55,7 +61,8 @@ def analysis_for(model: Model, params: Any, x: jax.Array) -> _walk.Analysis:
     leaves, treedef = jax.tree_util.tree_flatten(params)
     leaf_avals = tuple((tuple(jnp.shape(v)), jnp.result_type(v)) for v in leaves)
     x_aval = ((1, *x.shape[1:]), jnp.result_type(x))
-    return _analysis(model, treedef, leaf_avals, x_aval)
+    precision = jax.config.jax_default_matmul_precision
+    return _analysis(model, treedef, leaf_avals, x_aval, precision)
 
 
 # -- canonical layouts ------------------------------------------------------
@@ -125,7 +132,9 @@ def _canon_act(use: _walk.Use, act: jax.Array) -> jax.Array:
         p["lhs_dilation"],
         p["rhs_dilation"],
         dn,
-        precision=p["precision"],
+        # Patches are a one-hot convolution: a copy, exact only in float32
+        # (a reduced precision would round every activation it moves).
+        precision=lax.Precision.HIGHEST,
     )
     out_spec = dn.out_spec
     c = patches.shape[out_spec[1]]
