@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import ntkdist
+from ntkdist._hugepages import reexec_with_huge_pages
 from ntkdist._planner import format_bytes
 
 
@@ -372,6 +373,8 @@ def main(argv: list[str] | None = None) -> None:
         "--outputs", default="trace,full", help="output forms of overhead, symmetric"
     )
     args = parser.parse_args(argv)
+    if argv is None:  # the command line: loops and workers allocate alike
+        reexec_with_huge_pages()
     jax.config.update("jax_enable_x64", True)
     # The loops run at the precision compute uses (TF32 would differ on GPUs).
     jax.config.update("jax_default_matmul_precision", "highest")

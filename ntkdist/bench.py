@@ -175,6 +175,9 @@ def machine() -> dict[str, Any]:
         "jax": jax.__version__,
         "backend": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()],
+        # glibc malloc on transparent huge pages in this process, as in the
+        # workers (ntkdist._hugepages); "" where it was not configured.
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
     }
 
 
@@ -593,7 +596,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_arguments(parser)
-    return main_from_args(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    if argv is None:  # the command line: loops and workers allocate alike
+        from ._hugepages import reexec_with_huge_pages
+
+        reexec_with_huge_pages()
+    return main_from_args(args)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from ._hugepages import huge_pages_env
 from ._tls import (
     ROLES as ROLES,
     security_from_directory as security_from_directory,
@@ -61,6 +62,9 @@ def worker_env(
         compilation_cache_dir: a node-local directory for JAX's persistent
             compilation cache (``JAX_COMPILATION_CACHE_DIR``); ``None`` for none.
 
+    Always sets ``GLIBC_TUNABLES`` so that malloc uses transparent huge pages
+    (large tiles then avoid most page faults; see ``ntkdist._hugepages``).
+
     Returns:
         Environment variables as strings, ready for ``env=`` of a cluster.
 
@@ -80,6 +84,7 @@ def worker_env(
             "accelerator, so pass one of them."
         )
     env = {"JAX_PLATFORMS": "cuda" if gpu else "tpu" if tpu else "cpu"}
+    env.update(huge_pages_env())  # see ntkdist._hugepages
     if gpu:
         env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
     if x64 is not None:

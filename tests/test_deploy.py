@@ -87,8 +87,19 @@ def pairs(args):
         ({"x64": False}, {"JAX_PLATFORMS": "cpu", "JAX_ENABLE_X64": "0"}),
     ],
 )
-def test_worker_env(kwargs, expected):
-    assert nc.worker_env(**kwargs) == expected
+def test_worker_env(kwargs, expected, monkeypatch):
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    huge = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+    assert nc.worker_env(**kwargs) == {**expected, **huge}
+
+
+def test_worker_env_keeps_the_callers_glibc_tunables(monkeypatch):
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
+    assert nc.worker_env()["GLIBC_TUNABLES"] == (
+        "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+    )
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=0")  # opted out
+    assert nc.worker_env()["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=0"
 
 
 def test_worker_env_refuses_two_accelerators():
@@ -306,9 +317,10 @@ def test_k8s_workers_request_one_gpu_and_the_gpu_resource(daskcluster):
     )
 
 
-def test_k8s_worker_env_is_the_gpu_worker_env(daskcluster):
+def test_k8s_worker_env_is_the_gpu_worker_env(daskcluster, monkeypatch):
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
     env = {e["name"]: e["value"] for e in container(daskcluster, "worker")["env"]}
-    jax_env = {k: v for k, v in env.items() if k.startswith(("JAX_", "XLA_"))}
+    jax_env = {k: v for k, v in env.items() if k.startswith(("JAX_", "XLA_", "GLIBC_"))}
     assert jax_env == nc.worker_env(gpu=True, compilation_cache_dir="/cache/jax")
     name = daskcluster["metadata"]["name"]
     assert env["DASK_SCHEDULER_ADDRESS"] == f"tls://{name}-scheduler:8786"

@@ -298,3 +298,15 @@ def test_cluster_compute_equals_ntk(tmp_path, cluster, data, output, symmetric):
     ref = ntkdist.ntk(mlp, p, x1, x2, output=output)
     np.testing.assert_allclose(s.kernel[...], ref, rtol=1e-10, atol=1e-13)
     assert s.complete and s.check_tiles() == ([], [])
+
+
+@pytest.mark.cluster
+def test_embedded_workers_use_huge_pages_for_malloc(monkeypatch):
+    # Large tile buffers on transparent huge pages (ntkdist._hugepages): the
+    # tunable must reach the worker processes, which read it when they start.
+    from ntkdist.executors import DaskExecutor
+
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    with DaskExecutor(n_workers=1, verbose=False) as ex:
+        seen = ex.client.run(lambda: os.environ.get("GLIBC_TUNABLES"))
+    assert list(seen.values()) == ["glibc.malloc.hugetlb=1"]

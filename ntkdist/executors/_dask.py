@@ -23,6 +23,7 @@ from distributed.comm.core import CommClosedError
 from distributed.diagnostics.plugin import WorkerPlugin
 from distributed.scheduler import KilledWorker
 
+from .._hugepages import huge_pages_env
 from .._model import Model
 from .._planner import Tile
 from ._base import AbstractExecutor, OnDone
@@ -45,6 +46,7 @@ def jax_worker_env(x64: bool) -> dict[str, str]:
     env = {
         "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
         "JAX_ENABLE_X64": "1" if x64 else "0",
+        **huge_pages_env(),
     }
     if "JAX_PLATFORMS" in os.environ:
         env["JAX_PLATFORMS"] = os.environ["JAX_PLATFORMS"]
