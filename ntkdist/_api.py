@@ -10,10 +10,11 @@ import numpy as np
 
 from . import _inputs
 from ._model import ApplyFn, Model, as_model
-from ._precision import DEFAULT as DEFAULT_PRECISION, matmul_precision
+from ._precision import DEFAULT as DEFAULT_PRECISION, applies_precision
 from .kernels import AbstractKernelStrategy, choose, get
 
 
+@applies_precision
 def ntk(
     apply_fn: ApplyFn | Model,
     params: Any,
@@ -80,34 +81,6 @@ def ntk(
         >>> ntkdist.ntk(f, p, jnp.ones((5, 3)), output="trace").shape
         (5, 5)
     """
-    with matmul_precision(precision):
-        return _ntk(
-            apply_fn,
-            params,
-            x1,
-            x2,
-            output=output,
-            strategy=strategy,
-            memory_budget=memory_budget,
-            check_finite=check_finite,
-            check_independence=check_independence,
-            integer_inputs=integer_inputs,
-        )
-
-
-def _ntk(
-    apply_fn: ApplyFn | Model,
-    params: Any,
-    x1: Any,
-    x2: Any | None,
-    *,
-    output: str,
-    strategy: str | AbstractKernelStrategy,
-    memory_budget: float | None,
-    check_finite: bool,
-    check_independence: bool,
-    integer_inputs: bool,
-) -> np.ndarray:
     _inputs.check_output(output)
     _inputs.check_strategy(strategy)
     _inputs.check_params(params, check_finite=check_finite)

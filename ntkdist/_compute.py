@@ -23,6 +23,7 @@ from ._planner import CostModel, Plan, Tile, make_plan, parse_bytes
 from ._planner._plan import DEFAULT_FLOP_RATE, READ_RATE
 from ._precision import (
     DEFAULT as DEFAULT_PRECISION,
+    applies_precision,
     current as current_precision,
     matmul_precision,
 )
@@ -305,6 +306,7 @@ def _plan_one(
     return the_plan, cost
 
 
+@applies_precision
 def plan(
     apply_fn: ApplyFn | Model,
     params: Any,
@@ -348,18 +350,18 @@ def plan(
         >>> p.n_tiles
         6
     """
-    with matmul_precision(precision):
-        job = prepare(apply_fn, params, x1, x2, output=output, strategy=strategy)
-        return plan_job(
-            job,
-            tile=tile,
-            memory_budget=memory_budget,
-            workers=workers or default_workers(),
-            probe=probe,
-            cache=cache,
-        )[1]
+    job = prepare(apply_fn, params, x1, x2, output=output, strategy=strategy)
+    return plan_job(
+        job,
+        tile=tile,
+        memory_budget=memory_budget,
+        workers=workers or default_workers(),
+        probe=probe,
+        cache=cache,
+    )[1]
 
 
+@applies_precision
 def compute(
     apply_fn: ApplyFn | Model,
     params: Any,
@@ -456,62 +458,6 @@ def compute(
         >>> s.complete, s.kernel.shape
         (True, (5, 5))
     """
-    with matmul_precision(precision):
-        return _compute(
-            apply_fn,
-            params,
-            x1,
-            x2,
-            store=store,
-            output=output,
-            strategy=strategy,
-            tile=tile,
-            memory_budget=memory_budget,
-            cache=cache,
-            client=client,
-            scheduler=scheduler,
-            workers=workers,
-            executor=executor,
-            overwrite=overwrite,
-            progress=progress,
-            model_spec=model_spec,
-            window=window,
-            retries=retries,
-            resources=resources,
-            stream=stream,
-            check_finite=check_finite,
-            check_independence=check_independence,
-            integer_inputs=integer_inputs,
-        )
-
-
-def _compute(
-    apply_fn: ApplyFn | Model,
-    params: Any,
-    x1: Any,
-    x2: Any | None,
-    *,
-    store: str | os.PathLike[str],
-    output: str,
-    strategy: str | AbstractKernelStrategy,
-    tile: int | None,
-    memory_budget: Any,
-    cache: str,
-    client: Any,
-    scheduler: str | None,
-    workers: int | None,
-    executor: str | AbstractExecutor | None,
-    overwrite: bool,
-    progress: bool,
-    model_spec: str | None,
-    window: int | None,
-    retries: int,
-    resources: dict[str, float] | None,
-    stream: TextIO | None,
-    check_finite: bool,
-    check_independence: bool,
-    integer_inputs: bool,
-) -> KernelStore:
     path = os.fspath(store)
     out = stream or sys.stderr
     job = prepare(

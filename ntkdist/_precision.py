@@ -12,7 +12,9 @@ resumed at another precision.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import functools
+import inspect
+from collections.abc import Callable, Iterator
 
 import jax
 
@@ -63,3 +65,19 @@ def independence_tolerance(dtype: str) -> float:
     if dtype == "float64":
         return 1e-9
     return 3e-2 if current() in _REDUCED else 1e-4
+
+
+def applies_precision[**P, R](fn: Callable[P, R]) -> Callable[P, R]:
+    """Run ``fn`` inside :func:`matmul_precision` of its ``precision`` argument.
+
+    ``fn`` declares ``precision`` as a keyword argument with its default; the
+    decorator validates it and sets it for everything ``fn`` traces or runs.
+    """
+    default = inspect.signature(fn).parameters["precision"].default
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        with matmul_precision(kwargs.get("precision", default)):
+            return fn(*args, **kwargs)
+
+    return wrapper
