@@ -34,9 +34,12 @@ def glibc_tunables(existing: str | None = None) -> str:
         'glibc.malloc.hugetlb=0'
     """
     parts = [p for p in (existing or "").split(":") if p]
-    if any(p.split("=", 1)[0] == TUNABLE for p in parts):
-        return ":".join(parts)
-    return ":".join([*parts, ON])
+    return ":".join(parts if _sets_tunable(existing) else [*parts, ON])
+
+
+def _sets_tunable(tunables: str | None) -> bool:
+    """Whether a ``GLIBC_TUNABLES`` value names ``glibc.malloc.hugetlb``."""
+    return any(p.split("=", 1)[0] == TUNABLE for p in (tunables or "").split(":"))
 
 
 def huge_pages_env() -> dict[str, str]:
@@ -46,8 +49,7 @@ def huge_pages_env() -> dict[str, str]:
 
 def configured() -> bool:
     """Whether this process was started with ``glibc.malloc.hugetlb`` set."""
-    parts = os.environ.get("GLIBC_TUNABLES", "").split(":")
-    return any(p.split("=", 1)[0] == TUNABLE for p in parts)
+    return _sets_tunable(os.environ.get("GLIBC_TUNABLES"))
 
 
 def reexec_with_huge_pages() -> None:

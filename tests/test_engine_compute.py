@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 
 import dask.array as da
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import zarr
@@ -15,28 +14,14 @@ import ntkdist
 from ntkdist import InputError, ModelError, PlanError, StoreError
 from ntkdist.executors import JaxWorkerPlugin
 
+from .engine import make_params, mlp, two_worker_cluster
+
 OUTPUTS = ["full", "trace", "diagonal", "pntk"]
-
-
-def mlp(p, x):
-    """A two-layer MLP with three outputs (a few hundred parameters)."""
-    h = jnp.tanh(x @ p["w1"] + p["b1"])
-    return h @ p["w2"] + p["b2"]
 
 
 def coupled(p, x):
     """Couples samples through the batch mean: not a per-sample model."""
     return (x - x.mean(axis=0)) @ p["w"]
-
-
-def make_params(seed=0, d=4, width=24, o=3):
-    rng = np.random.default_rng(seed)
-    return {
-        "w1": rng.normal(size=(d, width)) / 2,
-        "b1": rng.normal(size=width),
-        "w2": rng.normal(size=(width, o)) / 5,
-        "b2": rng.normal(size=o),
-    }
 
 
 @pytest.fixture
@@ -259,18 +244,7 @@ def test_unknown_executor(tmp_path, data):
 
 @pytest.fixture(scope="module")
 def cluster():
-    with LocalCluster(
-        n_workers=2,
-        threads_per_worker=1,
-        processes=True,
-        host="127.0.0.1",
-        dashboard_address=":0",
-        env={
-            "JAX_PLATFORMS": "cpu",
-            "JAX_ENABLE_X64": "1",
-            "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
-        },
-    ) as c:
+    with two_worker_cluster() as c:
         yield c
 
 

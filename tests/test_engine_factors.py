@@ -7,11 +7,10 @@ from __future__ import annotations
 import dataclasses
 import os
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import zarr
-from distributed import Client, LocalCluster
+from distributed import Client
 
 import ntkdist
 import ntkdist.testing
@@ -22,22 +21,14 @@ from ntkdist.executors import JaxWorkerPlugin
 from ntkdist.executors._factors import CACHE
 from ntkdist.kernels import STRATEGIES, get
 
+from . import engine
+from .engine import mlp
+
 OUTPUTS = ["full", "trace", "diagonal", "pntk"]
 
 
-def mlp(p, x):
-    h = jnp.tanh(x @ p["w1"] + p["b1"])
-    return h @ p["w2"] + p["b2"]
-
-
 def make_params(seed=0, d=4, width=12, o=3):
-    rng = np.random.default_rng(seed)
-    return {
-        "w1": rng.normal(size=(d, width)) / 2,
-        "b1": rng.normal(size=width),
-        "w2": rng.normal(size=(width, o)) / 3,
-        "b2": rng.normal(size=o),
-    }
+    return engine.make_params(seed, d, width, o, out_scale=3)
 
 
 @pytest.fixture
@@ -132,14 +123,7 @@ def test_factor_store_is_checked_and_reused_by_repair(tmp_path, data):
 
 @pytest.fixture(scope="module")
 def cluster():
-    with LocalCluster(
-        n_workers=2,
-        threads_per_worker=1,
-        processes=True,
-        host="127.0.0.1",
-        dashboard_address=":0",
-        env={"JAX_PLATFORMS": "cpu", "JAX_ENABLE_X64": "1"},
-    ) as c:
+    with engine.two_worker_cluster() as c:
         yield c
 
 

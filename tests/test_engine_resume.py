@@ -16,13 +16,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from distributed import Client, LocalCluster
+from distributed import Client
 
 import ntkdist
 from ntkdist import ExecutionError, ResumeMismatchError, StoreLockedError
 from ntkdist._cli import load_model
 from ntkdist.kernels import AbstractKernelStrategy, JacobianContraction
 from ntkdist.storage import StoreLock
+
+from .engine import two_worker_cluster
 
 
 def mlp(p, x):
@@ -291,14 +293,7 @@ def test_killed_worker_process_the_job_completes_right(tmp_path):
     }
     x = rng.normal(size=(160, 8))
     with (
-        LocalCluster(
-            n_workers=2,
-            threads_per_worker=1,
-            processes=True,
-            host="127.0.0.1",
-            dashboard_address=":0",
-            env={"JAX_PLATFORMS": "cpu", "JAX_ENABLE_X64": "1"},
-        ) as cluster,
+        two_worker_cluster() as cluster,
         Client(cluster) as client,
     ):
         pids = client.run(os.getpid)

@@ -82,20 +82,9 @@ def test_precision_is_validated():
 def test_precision_is_fingerprinted_and_recorded(tmp_path):
     x = np.random.default_rng(0).normal(size=(6, 3))
     path = tmp_path / "k.zarr"
-    store = ntkdist.compute(
-        mlp,
-        params(),
-        x,
-        store=path,
-        output="trace",
-        tile=4,
-        executor="serial",
-        progress=False,
-    )
-    assert store.attrs["precision"] == "highest"
-    before = np.asarray(store.kernel[...])
-    with pytest.raises(ResumeMismatchError, match="precision"):
-        ntkdist.compute(
+
+    def run(**kw):
+        return ntkdist.compute(
             mlp,
             params(),
             x,
@@ -104,21 +93,16 @@ def test_precision_is_fingerprinted_and_recorded(tmp_path):
             tile=4,
             executor="serial",
             progress=False,
-            precision="tensorfloat32",
+            **kw,
         )
+
+    store = run()
+    assert store.attrs["precision"] == "highest"
+    before = np.asarray(store.kernel[...])
+    with pytest.raises(ResumeMismatchError, match="precision"):
+        run(precision="tensorfloat32")
     np.testing.assert_array_equal(np.asarray(ntkdist.open(path).kernel[...]), before)
-    other = ntkdist.compute(
-        mlp,
-        params(),
-        x,
-        store=path,
-        output="trace",
-        tile=4,
-        executor="serial",
-        progress=False,
-        precision="tensorfloat32",
-        overwrite=True,
-    )
+    other = run(precision="tensorfloat32", overwrite=True)
     assert other.attrs["precision"] == "tensorfloat32"
     # float64 on a CPU: the same values at any precision.
     np.testing.assert_array_equal(np.asarray(other.kernel[...]), before)

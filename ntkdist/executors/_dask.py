@@ -201,10 +201,8 @@ class DaskExecutor(AbstractExecutor):
         if self.client is None:
             if self.address is not None:
                 self.client = Client(self.address)
-            elif gpus := local_gpus():
-                self._cluster = gpu_cluster(
-                    gpus[: self.requested_workers or len(gpus)], self.x64
-                )
+            elif gpus := self._embedded_gpus():
+                self._cluster = gpu_cluster(gpus, self.x64)
                 self.client = Client(self._cluster)
             else:
                 self._cluster = LocalCluster(
@@ -238,10 +236,16 @@ class DaskExecutor(AbstractExecutor):
     def n_workers(self) -> int:
         """Worker processes of the cluster (each computes one tile at a time)."""
         if self.client is None:
-            if self._given is None and self.address is None and local_gpus():
-                return min(self.requested_workers or 10**9, len(local_gpus()))
-            return self.requested_workers or os.cpu_count() or 1
+            gpus = self._embedded_gpus()
+            return len(gpus) or self.requested_workers or os.cpu_count() or 1
         return max(1, len(self.client.nthreads()))
+
+    def _embedded_gpus(self) -> list[str]:
+        """The GPUs an embedded cluster would use: none when one is given."""
+        if self._given is not None or self.address is not None:
+            return []
+        gpus = local_gpus()
+        return gpus[: self.requested_workers or len(gpus)]
 
     @property
     def n_threads(self) -> int:
