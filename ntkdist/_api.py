@@ -11,7 +11,7 @@ import numpy as np
 from . import _inputs
 from ._model import ApplyFn, Model, as_model
 from ._precision import DEFAULT as DEFAULT_PRECISION, applies_precision
-from .kernels import AbstractKernelStrategy, choose, get
+from .kernels import AbstractKernelStrategy, compute_tile
 
 
 @applies_precision
@@ -96,11 +96,6 @@ def ntk(
     _inputs.check_model(model, params, x1, independence=check_independence)
     x1 = jnp.asarray(x1)
     x2 = None if x2 is None else jnp.asarray(x2)
-    if strategy == "auto":
-        n2 = x1.shape[0] if x2 is None else x2.shape[0]
-        chosen, _ = choose(model, params, x1, x1.shape[0], n2, output, memory_budget)
-    else:
-        chosen = get(strategy)
-    result = chosen.tile(model, params, x1, x2, output)
+    result = compute_tile(strategy, model, params, x1, x2, output, memory_budget)
     dtype = jnp.result_type(*jax.tree_util.tree_leaves(params), x1)
     return np.asarray(result.astype(dtype))

@@ -17,7 +17,7 @@ import numpy as np
 import zarr
 
 from . import _inputs
-from ._errors import ExecutionError, InputError, PlanError, StoreError
+from ._errors import ExecutionError, InputError, ModelError, PlanError, StoreError
 from ._model import ApplyFn, Model, as_model
 from ._planner import CostModel, Plan, Tile, make_plan, parse_bytes
 from ._planner._plan import DEFAULT_FLOP_RATE, READ_RATE
@@ -43,7 +43,14 @@ from .executors._factors import (
     factors_fn,
     forget_job,
 )
-from .kernels import STRATEGIES, AbstractKernelStrategy, choose, get, tile_shape
+from .kernels import (
+    STRATEGIES,
+    AbstractKernelStrategy,
+    check_supported,
+    choose,
+    get,
+    tile_shape,
+)
 from .storage import (
     KernelStore,
     StoreLock,
@@ -130,6 +137,7 @@ def prepare(
         chosen, _ = choose(model, params, jnp.asarray(probe), t, t, output, None)
     else:
         chosen = get(strategy)
+        check_supported(chosen, model, params, jnp.asarray(probe), output)
     import ntkdist
 
     fields = {
@@ -248,6 +256,13 @@ def plan_job(
     plans: list[tuple[float, int, Job, Plan, CostModel]] = []
     errors: list[PlanError] = []
     for k, cand in enumerate(candidates):
+        if cand.strategy is not job.strategy:
+            try:  # auto: a strategy that cannot handle the model is no candidate
+                check_supported(
+                    cand.strategy, cand.model, cand.params, cand.probe, cand.output
+                )
+            except ModelError:
+                continue
         try:
             p, cost = _plan_one(cand, tile, memory_budget, workers, cache)
         except PlanError as e:

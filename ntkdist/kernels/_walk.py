@@ -18,13 +18,19 @@ output (the *delta*). This module gets both from any JAX function:
    activations. The gradient of the output with respect to a probe is the
    use's delta.
 
-Calls (``jit``, ``checkpoint``/``remat``, ``custom_jvp``, ``custom_vjp``,
-``closed_call``) that receive chain values are inlined, and ``lax.scan`` loops
-that do are unrolled (up to ``MAX_UNROLL`` steps), so weights used inside them
-get structured rules too: a weight used in every step of a scan is a weight used
-``length`` times. Anything else that consumes a chain value (``while``, ``cond``,
-a scan longer than ``MAX_UNROLL``) is bound unchanged and its leaves fall back
-to explicit Jacobians, which is always correct.
+Calls (``jit``, ``checkpoint``/``remat``, ``closed_call``) that receive chain
+values are inlined, and ``lax.scan`` loops that do are unrolled (up to
+``MAX_UNROLL`` steps), so weights used inside them get structured rules too: a
+weight used in every step of a scan is a weight used ``length`` times. Anything
+else that consumes a chain value (``while``, ``cond``, a scan longer than
+``MAX_UNROLL``) is bound unchanged and its leaves fall back to explicit
+Jacobians, which is always correct.
+
+Custom derivative rules (``custom_jvp``, ``custom_vjp``) are never inlined: the
+rule is the derivative its author means (a straight-through estimator, an
+implicit layer whose primal is a ``while_loop``), and differentiating the primal
+instead would give another kernel or none. A call that receives a chain value is
+bound unchanged, so its leaves get explicit Jacobian rows through the rule.
 """
 
 from __future__ import annotations
@@ -59,9 +65,6 @@ _CALLS = {
     "core_call": "call_jaxpr",
     "remat2": "jaxpr",
     "checkpoint": "jaxpr",
-    "custom_jvp_call": "call_jaxpr",
-    "custom_vjp_call": "call_jaxpr",
-    "custom_vjp_call_jaxpr": "fun_jaxpr",
 }
 
 
@@ -207,6 +210,10 @@ class _Walk:
             biased = self._bias(eqn, vals, tags, scales, chains[0])
             if biased is not None:
                 return [biased]
+        if name in ("add", "sub") and len(chains) == 1:
+            shifted = self._shifted(eqn, vals, tags, scales, chains[0])
+            if shifted is not None:
+                return [shifted]
         spread = any(tags[i].spread is not None for i in chains)
         if spread:
             pass  # a broadcast chain has no rule but as a bias: fall through
@@ -249,6 +256,8 @@ class _Walk:
         self, eqn: Any, vals: list[Any], tags: list[Tag], scales: list[Any], b: int
     ) -> tuple[Any, Tag, Any] | None:
         other = eqn.invars[1 - b]
+        if isinstance(other, jcore.Literal):
+            return None
         partner = self.use_out.get(other)
         if partner is None or self.reads.get(other) != 1:
             return None
@@ -268,6 +277,25 @@ class _Walk:
         elif idx in self.active:
             self.scales[idx] = scales[b]
         return out, DATA, None
+
+    def _shifted(
+        self, eqn: Any, vals: list[Any], tags: list[Tag], scales: list[Any], w: int
+    ) -> tuple[Any, Tag, Any] | None:
+        """``c ± L(leaf)`` with ``c`` a constant: the derivative is ``±L``'s.
+
+        Adding a constant changes the value a weight has, not its derivative,
+        so the sum is still a chain of the leaf (``1 + gain`` norm gains).
+        """
+        other = 1 - w
+        if tags[other].data or tags[w].spread is not None:
+            return None
+        (out,) = _bind(eqn, vals)
+        if tuple(jnp.shape(out)) != tuple(jnp.shape(vals[w])):
+            return None  # the constant broadcasts the chain: no longer a chain
+        leaf, ops = tags[w].chain  # type: ignore[misc]
+        if eqn.primitive.name == "sub" and w == 1:
+            return out, Tag(chain=(leaf, (*ops, ("neg",)))), _mul(scales[w], -1.0)
+        return out, Tag(chain=(leaf, ops)), scales[w]
 
     def _scaled(
         self, eqn: Any, vals: list[Any], tags: list[Tag], scales: list[Any], w: int
