@@ -44,6 +44,7 @@ class Construct:
 
     primitive: str
     where: str
+    label: str = ""
 
     def __str__(self) -> str:
         names = {
@@ -52,7 +53,9 @@ class Construct:
             "custom_vjp_call_jaxpr": "a jax.custom_vjp function",
             "custom_jvp_call": "a jax.custom_jvp function",
         }
-        return f"{names.get(self.primitive, self.primitive)} at {self.where}"
+        name = names.get(self.primitive, self.primitive)
+        label = f" ({self.label})" if self.label else ""
+        return f"{name}{label} at {self.where}"
 
 
 def is_failure_to_trace(err: BaseException) -> bool:
@@ -96,6 +99,16 @@ def _where(eqn: Any) -> str:
         return "an unknown place"
 
 
+def _rule_name(eqn: Any) -> str:
+    for key in ("call_jaxpr", "fun_jaxpr"):
+        sub = eqn.params.get(key)
+        inner = getattr(sub, "jaxpr", sub)
+        info = getattr(inner, "debug_info", None)
+        if info is not None:
+            return str(getattr(info, "func_name", "") or "")
+    return ""
+
+
 def _taint(
     jaxpr: jcore.Jaxpr, tainted: list[bool], found: list[Construct]
 ) -> list[bool]:
@@ -111,7 +124,8 @@ def _taint(
         ins = [get(v) for v in eqn.invars]
         name = eqn.primitive.name
         if any(ins) and name in ("while", *_CUSTOM):
-            found.append(Construct(name, _where(eqn)))
+            label = _rule_name(eqn) if name in _CUSTOM else ""
+            found.append(Construct(name, _where(eqn), label))
         if any(ins) and name in _CALL_JAXPRS:
             sub = eqn.params[_CALL_JAXPRS[name]]
             inner = sub.jaxpr if hasattr(sub, "consts") else sub
