@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from ntkdist import adapters
@@ -26,39 +27,39 @@ Case = tuple[Callable[[Any, jax.Array], jax.Array], Any, jax.Array, jax.Array]
 F64 = jnp.float64
 
 
-def _keys(seed: int, n: int) -> list[jax.Array]:
-    return list(jax.random.split(jax.random.PRNGKey(seed), n))
+def _rng(seed: int) -> np.random.Generator:
+    return np.random.default_rng(seed)
 
 
-def _normal(key: jax.Array, shape: tuple[int, ...], scale: float = 1.0) -> jax.Array:
-    return scale * jax.random.normal(key, shape, dtype=F64)
+def _randn(rng: np.random.Generator, shape: tuple[int, ...], scale: float = 1.0) -> Any:
+    """Gaussian float64 values from numpy: no XLA compilation per shape."""
+    return jnp.asarray(scale * rng.standard_normal(shape), F64)
 
 
-def _f64(tree: Any) -> Any:
-    """Every floating-point array leaf as float64 (framework defaults are float32)."""
+def _fill(shapes: Any, seed: int, fan_in_axes: slice = slice(None, -1)) -> Any:
+    """Float64 values for a tree of shapes (from ``jax.eval_shape``).
 
-    def cast(a: Any) -> Any:
-        if hasattr(a, "dtype") and jnp.issubdtype(a.dtype, jnp.floating):
-            return jnp.asarray(a, F64)
-        return a
+    Weights (2+ axes) are Gaussian with variance 1/fan-in, the fan-in being the
+    product of ``shape[fan_in_axes]``; vectors are Gaussian around 1 when named
+    like a scale and around 0 otherwise, so no leaf keeps a trivial ones/zeros
+    value. Filling from numpy instead of running each framework's initialisers
+    keeps building the zoo free of XLA compilations.
+    """
+    rng = _rng(seed)
 
-    return jax.tree_util.tree_map(cast, tree)
+    def value(path: Any, leaf: Any) -> Any:
+        shape = tuple(leaf.shape)
+        if len(shape) >= 2:
+            return _randn(rng, shape, float(np.prod(shape[fan_in_axes])) ** -0.5)
+        name = str(getattr(path[-1], "key", getattr(path[-1], "name", "")))
+        return ("scale" in name) + _randn(rng, shape, 0.2)
 
-
-def _perturb(tree: Any, seed: int, scale: float = 0.2) -> Any:
-    """Move every leaf off its initial value (ones/zeros would hide mistakes)."""
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    keys = jax.random.split(jax.random.PRNGKey(seed), max(len(leaves), 1))
-    moved = [
-        leaf + scale * jax.random.normal(k, jnp.shape(leaf), F64)
-        for leaf, k in zip(leaves, keys, strict=False)
-    ]
-    return jax.tree_util.tree_unflatten(treedef, moved)
+    return jax.tree_util.tree_map_with_path(value, shapes)
 
 
 def _inputs(seed: int, n1: int, n2: int, shape: tuple[int, ...]) -> tuple[Any, Any]:
-    k1, k2 = _keys(seed, 2)
-    return _normal(k1, (n1, *shape)), _normal(k2, (n2, *shape))
+    rng = _rng(seed)
+    return _randn(rng, (n1, *shape)), _randn(rng, (n2, *shape))
 
 
 # ---------------------------------------------------------------------------
@@ -66,27 +67,25 @@ def _inputs(seed: int, n1: int, n2: int, shape: tuple[int, ...]) -> tuple[Any, A
 # ---------------------------------------------------------------------------
 
 
-def _linen(module: Any, x1: jax.Array, seed: int, batch_stats: bool = False) -> Any:
-    """``from_flax_linen`` on a float64, perturbed initialisation."""
-    variables = _f64(module.init(jax.random.PRNGKey(seed), x1[:1]))
-    variables = dict(variables)
-    variables["params"] = _perturb(variables["params"], seed + 100)
-    if batch_stats:
-        variables["batch_stats"] = _running_averages(variables["batch_stats"], seed)
+def _linen(module: Any, x1: jax.Array, seed: int) -> Any:
+    """``from_flax_linen`` on float64 variables (running averages included)."""
+    shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), x1[:1])
+    variables = {"params": _fill(shapes["params"], seed)}
+    if "batch_stats" in shapes:
+        variables["batch_stats"] = _running_averages(shapes["batch_stats"], seed)
     return adapters.from_flax_linen(module, variables)
 
 
 def _running_averages(stats: Any, seed: int) -> Any:
     """Non-trivial running means, and running variances in [0.5, 1.5]."""
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(stats)
-    keys = jax.random.split(jax.random.PRNGKey(seed + 200), len(leaves))
-    moved = []
-    for (path, leaf), k in zip(leaves, keys, strict=True):
+    rng = _rng(seed + 200)
+
+    def moved(path: Any, leaf: Any) -> Any:
         if getattr(path[-1], "key", None) == "var":
-            moved.append(0.5 + jax.random.uniform(k, jnp.shape(leaf), F64))
-        else:
-            moved.append(0.3 * jax.random.normal(k, jnp.shape(leaf), F64))
-    return jax.tree_util.tree_unflatten(treedef, moved)
+            return jnp.asarray(0.5 + rng.uniform(size=jnp.shape(leaf)), F64)
+        return _randn(rng, jnp.shape(leaf), 0.3)
+
+    return jax.tree_util.tree_map_with_path(moved, stats)
 
 
 def _linen_strided_cnn() -> Case:
@@ -120,7 +119,7 @@ def _linen_batchnorm() -> Case:
             return nn.Dense(2)(jnp.tanh(h))
 
     x1, x2 = _inputs(21, 6, 4, (5, 5, 2))
-    f, p = _linen(BnNet(), x1, 21, batch_stats=True)
+    f, p = _linen(BnNet(), x1, 21)
     return f, p, x1, x2
 
 
@@ -176,9 +175,9 @@ def _linen_embed_tied() -> Case:
             h = nn.RMSNorm()(h)
             return embed.attend(h)  # [n, T, V] logits, weights tied to the input
 
-    k1, k2 = _keys(24, 2)
-    x1 = jax.random.randint(k1, (6, 3), 0, vocab)
-    x2 = jax.random.randint(k2, (4, 3), 0, vocab)
+    r = _rng(24)
+    x1 = jnp.asarray(r.integers(0, vocab, (6, 3)))
+    x2 = jnp.asarray(r.integers(0, vocab, (4, 3)))
     f, p = _linen(TiedLm(), x1, 24)
     return f, p, x1, x2
 
@@ -242,19 +241,36 @@ def _nnx_cnn() -> Case:
             h = jnp.tanh(self.hidden(h.reshape(h.shape[0], -1)))
             return self.out(h)
 
-    model = NnxCnn(nnx.Rngs(27))
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    model = nnx.merge(graphdef, _perturb(params, 127), rest)
+    abstract = nnx.eval_shape(lambda: NnxCnn(nnx.Rngs(0)))
+    graphdef, shapes, rest = nnx.split(abstract, nnx.Param, ...)
+    model = nnx.merge(graphdef, _fill(shapes, 27), rest)
     f, p = adapters.from_flax_nnx(model)
     x1, x2 = _inputs(27, 7, 5, (6, 6, 2))
     return f, p, x1, x2
 
 
+def _fill_equinox(abstract: Any, seed: int) -> Any:
+    """An Equinox model from ``eqx.filter_eval_shape``, with float64 arrays.
+
+    Equinox weights are ``[out, in, *kernel]``: the fan-in is every axis but
+    the first.
+    """
+    import equinox as eqx
+
+    def is_shape(leaf: Any) -> bool:
+        return isinstance(leaf, jax.ShapeDtypeStruct)
+
+    shapes, static = eqx.partition(abstract, is_shape, is_leaf=is_shape)
+    return eqx.combine(_fill(shapes, seed, slice(1, None)), static)
+
+
 def _equinox_mlp() -> Case:
     import equinox as eqx
 
-    mlp = eqx.nn.MLP(4, 3, 8, 2, activation=jax.nn.softplus, key=_keys(28, 1)[0])
-    f, p = adapters.from_equinox(_f64(mlp))
+    mlp = eqx.filter_eval_shape(
+        eqx.nn.MLP, 4, 3, 8, 2, activation=jax.nn.softplus, key=jax.random.PRNGKey(0)
+    )
+    f, p = adapters.from_equinox(_fill_equinox(mlp, 28))
     x1, x2 = _inputs(28, 7, 5, (4,))
     return f, p, x1, x2
 
@@ -278,10 +294,8 @@ def _equinox_conv1d() -> Case:
             h = jax.nn.relu(self.conv2(h))
             return self.head(h.mean(axis=-1))
 
-    model = _f64(Conv1dNet(_keys(29, 1)[0]))
-    params, static = eqx.partition(model, eqx.is_inexact_array)
-    model = eqx.combine(_perturb(params, 129, 0.1), static)
-    f, p = adapters.from_equinox(model)
+    model = eqx.filter_eval_shape(Conv1dNet, jax.random.PRNGKey(0))
+    f, p = adapters.from_equinox(_fill_equinox(model, 29))
     x1, x2 = _inputs(29, 6, 4, (2, 11))
     return f, p, x1, x2
 
@@ -301,7 +315,7 @@ def _haiku_cnn() -> Case:
 
     net = hk.without_apply_rng(hk.transform(_haiku_net))
     x1, x2 = _inputs(30, 7, 5, (5, 5, 2))
-    params = _perturb(_f64(net.init(jax.random.PRNGKey(30), x1[:1])), 130, 0.1)
+    params = _fill(jax.eval_shape(net.init, jax.random.PRNGKey(0), x1[:1]), 30)
     f, p = adapters.from_haiku(net, params)
     return f, p, x1, x2
 
@@ -336,11 +350,11 @@ def straight_through(p: Any, x: jax.Array) -> jax.Array:
 
 
 def _straight_through_case() -> Case:
-    k = _keys(31, 3)
+    r = _rng(31)
     p = {
-        "w": _normal(k[0], (4, 6), 0.6),
-        "b": _normal(k[1], (6,), 0.1),
-        "out": _normal(k[2], (6, 2), 0.5),
+        "w": _randn(r, (4, 6), 0.6),
+        "b": _randn(r, (6,), 0.1),
+        "out": _randn(r, (6, 2), 0.5),
     }
     x1, x2 = _inputs(131, 7, 5, (4,))
     return straight_through, p, x1, x2
@@ -430,12 +444,12 @@ def implicit_jvp(p: Any, x: jax.Array) -> jax.Array:
 
 
 def _implicit_params(seed: int) -> Any:
-    k = _keys(seed, 4)
+    r = _rng(seed)
     return {
-        "w": _normal(k[0], (5, 5), 0.15),  # a contraction: the iteration converges
-        "u": _normal(k[1], (3, 5), 0.6),
-        "b": _normal(k[2], (5,), 0.1),
-        "out": _normal(k[3], (5, 2), 0.7),
+        "w": _randn(r, (5, 5), 0.15),  # a contraction: the iteration converges
+        "u": _randn(r, (3, 5), 0.6),
+        "b": _randn(r, (5,), 0.1),
+        "out": _randn(r, (5, 2), 0.7),
     }
 
 
@@ -468,12 +482,12 @@ def custom_jvp_activation(p: Any, x: jax.Array) -> jax.Array:
 
 
 def _custom_jvp_activation_case() -> Case:
-    k = _keys(34, 4)
+    r = _rng(34)
     p = {
-        "w1": _normal(k[0], (4, 7), 0.8),
-        "b1": _normal(k[1], (7,), 0.2),
-        "w2": _normal(k[2], (7, 6), 0.6),
-        "w3": _normal(k[3], (6, 3), 0.5),
+        "w1": _randn(r, (4, 7), 0.8),
+        "b1": _randn(r, (7,), 0.2),
+        "w2": _randn(r, (7, 6), 0.6),
+        "w3": _randn(r, (6, 3), 0.5),
     }
     x1, x2 = _inputs(134, 7, 5, (4,))
     return custom_jvp_activation, p, x1, x2
@@ -496,11 +510,11 @@ def literal_gain(p: Any, x: jax.Array) -> jax.Array:
 
 
 def _literal_gain_case(gain_shape: tuple[int, ...], seed: int) -> Case:
-    k = _keys(seed, 3)
+    r = _rng(seed)
     p = {
-        "w": _normal(k[0], (4, 6), 0.6),
-        "gain": _normal(k[1], gain_shape, 0.3),
-        "out": _normal(k[2], (6, 2), 0.5),
+        "w": _randn(r, (4, 6), 0.6),
+        "gain": _randn(r, gain_shape, 0.3),
+        "out": _randn(r, (6, 2), 0.5),
     }
     x1, x2 = _inputs(seed + 100, 7, 5, (4,))
     return literal_gain, p, x1, x2
@@ -517,11 +531,11 @@ def vmap_inside(p: Any, x: jax.Array) -> jax.Array:
 
 
 def _vmap_inside_case() -> Case:
-    k = _keys(37, 3)
+    r = _rng(37)
     p = {
-        "w": _normal(k[0], (3, 5), 0.7),
-        "b": _normal(k[1], (5,), 0.1),
-        "out": _normal(k[2], (5, 2), 0.5),
+        "w": _randn(r, (3, 5), 0.7),
+        "b": _randn(r, (5,), 0.1),
+        "out": _randn(r, (5, 2), 0.5),
     }
     x1, x2 = _inputs(137, 6, 4, (4, 3))
     return vmap_inside, p, x1, x2
@@ -535,12 +549,12 @@ def fori_loop_model(p: Any, x: jax.Array) -> jax.Array:
 
 
 def _fori_loop_case() -> Case:
-    k = _keys(38, 4)
+    r = _rng(38)
     p = {
-        "inp": _normal(k[0], (4, 5), 0.6),
-        "w": _normal(k[1], (5, 5), 0.5),
-        "b": _normal(k[2], (5,), 0.1),
-        "out": _normal(k[3], (5, 2), 0.5),
+        "inp": _randn(r, (4, 5), 0.6),
+        "w": _randn(r, (5, 5), 0.5),
+        "b": _randn(r, (5,), 0.1),
+        "out": _randn(r, (5, 2), 0.5),
     }
     x1, x2 = _inputs(138, 7, 5, (4,))
     return fori_loop_model, p, x1, x2
@@ -560,14 +574,14 @@ def checkpoint_policy(p: Any, x: jax.Array) -> jax.Array:
 
 
 def _checkpoint_policy_case() -> Case:
-    k = _keys(39, 6)
+    r = _rng(39)
     p = {
-        "inp": _normal(k[0], (4, 5), 0.6),
+        "inp": _randn(r, (4, 5), 0.6),
         "blocks": [
-            (_normal(k[1], (5, 7), 0.5), _normal(k[2], (7, 5), 0.5)),
-            (_normal(k[3], (5, 7), 0.5), _normal(k[4], (7, 5), 0.5)),
+            (_randn(r, (5, 7), 0.5), _randn(r, (7, 5), 0.5)),
+            (_randn(r, (5, 7), 0.5), _randn(r, (7, 5), 0.5)),
         ],
-        "out": _normal(k[5], (5, 2), 0.5),
+        "out": _randn(r, (5, 2), 0.5),
     }
     x1, x2 = _inputs(139, 7, 5, (4,))
     return checkpoint_policy, p, x1, x2
@@ -587,8 +601,8 @@ def take_and_slice(p: Any, x: jax.Array) -> jax.Array:
 
 
 def _take_slice_case() -> Case:
-    k = _keys(40, 2)
-    p = {"table": _normal(k[0], (8, 6), 0.6), "big": _normal(k[1], (9, 3), 0.5)}
+    r = _rng(40)
+    p = {"table": _randn(r, (8, 6), 0.6), "big": _randn(r, (9, 3), 0.5)}
     x1, x2 = _inputs(140, 6, 4, (4,))
     return take_and_slice, p, x1, x2
 
@@ -601,11 +615,11 @@ def cumulative(p: Any, x: jax.Array) -> jax.Array:
 
 
 def _cumulative_case() -> Case:
-    k = _keys(41, 3)
+    r = _rng(41)
     p = {
-        "w": _normal(k[0], (3, 5), 0.5),
-        "b": _normal(k[1], (5,), 0.2),
-        "out": _normal(k[2], (5, 2), 0.5),
+        "w": _randn(r, (3, 5), 0.5),
+        "b": _randn(r, (5,), 0.2),
+        "out": _randn(r, (5, 2), 0.5),
     }
     x1, x2 = _inputs(141, 7, 5, (6, 3))
     return cumulative, p, x1, x2
@@ -635,12 +649,12 @@ def conv_variants(p: Any, x: jax.Array) -> jax.Array:
 
 
 def _conv_variants_case() -> Case:
-    k = _keys(42, 4)
+    r = _rng(42)
     p = {
-        "dilated": _normal(k[0], (3, 3, 2, 4), 0.4),
-        "grouped": _normal(k[1], (3, 3, 2, 6), 0.4),  # 2 groups: in 4 -> out 6
-        "depthwise": _normal(k[2], (2, 2, 1, 6), 0.4),
-        "head": _normal(k[3], (6, 2), 0.5),
+        "dilated": _randn(r, (3, 3, 2, 4), 0.4),
+        "grouped": _randn(r, (3, 3, 2, 6), 0.4),  # 2 groups: in 4 -> out 6
+        "depthwise": _randn(r, (2, 2, 1, 6), 0.4),
+        "head": _randn(r, (6, 2), 0.5),
     }
     x1, x2 = _inputs(142, 6, 4, (6, 5, 2))
     return conv_variants, p, x1, x2
@@ -664,12 +678,12 @@ def conv1d(p: Any, x: jax.Array) -> jax.Array:
 
 
 def _conv1d_case() -> Case:
-    k = _keys(43, 4)
+    r = _rng(43)
     p = {
-        "c1": _normal(k[0], (3, 2, 4), 0.5),
-        "b1": _normal(k[1], (4,), 0.1),
-        "c2": _normal(k[2], (2, 2, 4), 0.5),
-        "head": _normal(k[3], (16, 2), 0.5),  # L: 11 -> 6 -> 4 (dilation 2), C 4
+        "c1": _randn(r, (3, 2, 4), 0.5),
+        "b1": _randn(r, (4,), 0.1),
+        "c2": _randn(r, (2, 2, 4), 0.5),
+        "head": _randn(r, (16, 2), 0.5),  # L: 11 -> 6 -> 4 (dilation 2), C 4
     }
     x1, x2 = _inputs(143, 7, 5, (11, 2))
     return conv1d, p, x1, x2
@@ -691,12 +705,12 @@ def long_scan_rnn(p: Any, x: jax.Array) -> jax.Array:
 
 
 def _long_scan_case() -> Case:
-    k = _keys(44, 4)
+    r = _rng(44)
     p = {
-        "wh": _normal(k[0], (2, 2), 0.5),
-        "wx": _normal(k[1], (1, 2), 0.7),
-        "b": _normal(k[2], (2,), 0.1),
-        "out": _normal(k[3], (2, 2), 0.7),
+        "wh": _randn(r, (2, 2), 0.5),
+        "wx": _randn(r, (1, 2), 0.7),
+        "b": _randn(r, (2,), 0.1),
+        "out": _randn(r, (2, 2), 0.7),
     }
     x1, x2 = _inputs(144, 5, 3, (LONG_T, 1))
     return long_scan_rnn, p, x1, x2
