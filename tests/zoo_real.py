@@ -475,9 +475,22 @@ def _surrogate_step_jvp(primals: Any, tangents: Any) -> Any:
     return surrogate_step(h), dh / jnp.cosh(h) ** 2
 
 
+@jax.custom_jvp
+def surrogate_clip(h: jax.Array, slope: jax.Array) -> jax.Array:
+    """``clip(slope * h)`` with a learnable slope and a sech² surrogate derivative."""
+    return jnp.clip(slope * h, -1.0, 1.0)
+
+
+@surrogate_clip.defjvp
+def _surrogate_clip_jvp(primals: Any, tangents: Any) -> Any:
+    (h, slope), (dh, dslope) = primals, tangents
+    grad = 1.0 / jnp.cosh(slope * h) ** 2
+    return surrogate_clip(h, slope), grad * (slope * dh + h * dslope)
+
+
 def custom_jvp_activation(p: Any, x: jax.Array) -> jax.Array:
     h = surrogate_step(x @ p["w1"] + p["b1"])
-    h = surrogate_step(h @ p["w2"])
+    h = surrogate_clip(h @ p["w2"], p["slope"])  # a parameter enters the rule
     return h @ p["w3"]
 
 
@@ -487,6 +500,7 @@ def _custom_jvp_activation_case() -> Case:
         "w1": _randn(r, (4, 7), 0.8),
         "b1": _randn(r, (7,), 0.2),
         "w2": _randn(r, (7, 6), 0.6),
+        "slope": 1.0 + _randn(r, (6,), 0.3),
         "w3": _randn(r, (6, 3), 0.5),
     }
     x1, x2 = _inputs(134, 7, 5, (4,))
