@@ -354,6 +354,12 @@ class _Walk:
                 )
             )
         elif idx in self.active:
+            # Factors in the precision the op computes in: a float16 input to a
+            # float32 matmul (preferred_element_type) is multiplied in float32.
+            if jnp.issubdtype(act.dtype, jnp.floating) and (
+                jnp.finfo(act.dtype).bits < jnp.finfo(out.dtype).bits
+            ):
+                act = act.astype(out.dtype)
             self.acts[idx] = act
             self.scales[idx] = scales[w]
             out = out + self.probes[idx].astype(out.dtype)
