@@ -5,6 +5,7 @@ Public names live here; code lives in underscored modules.
 
 from . import kernels as kernels, regression as regression
 from ._api import ntk as ntk
+from ._ntk_fn import ntk_fn as ntk_fn
 from ._compute import compute as compute, open as open, plan as plan
 from ._errors import (
     ExecutionError as ExecutionError,
