@@ -5,7 +5,6 @@ Public names live here; code lives in underscored modules.
 
 from . import kernels as kernels, regression as regression
 from ._api import ntk as ntk
-from ._ntk_fn import ntk_fn as ntk_fn
 from ._compute import compute as compute, open as open, plan as plan
 from ._errors import (
     ExecutionError as ExecutionError,
@@ -18,6 +17,7 @@ from ._errors import (
     StoreLockedError as StoreLockedError,
 )
 from ._model import Model as Model
+from ._ntk_fn import ntk_fn as ntk_fn
 from ._planner import Plan as Plan
 from .regression import (
     FingerprintMismatchError as FingerprintMismatchError,

@@ -234,3 +234,48 @@ def test_walk_has_no_custom_call_inlining():
     """The walk's call table holds only calls that are the identity for
     derivatives; custom rules must never be inlined."""
     assert not {"custom_jvp_call", "custom_vjp_call"} & set(_walk._CALLS)
+
+
+@jax.custom_vjp
+def _solve_fp(w: jax.Array, u: jax.Array) -> jax.Array:
+    return _fixed_point(w, u)
+
+
+def _solve_fwd(w: jax.Array, u: jax.Array) -> tuple[jax.Array, Any]:
+    z = _fixed_point(w, u)
+    return z, (w, u, z)
+
+
+def _solve_bwd(res: Any, g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    w, u, z = res
+    _, vjp = jax.vjp(lambda w, u, z: jnp.tanh(z @ w + u), w, u, z)
+
+    def body(c: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        return g + vjp(c[0])[2], c[1] + 1
+
+    a = lax.while_loop(lambda c: c[1] < 60, body, (g, 0))[0]  # adjoint solve
+    gw, gu, _ = vjp(a)
+    return gw, gu
+
+
+_solve_fp.defvjp(_solve_fwd, _solve_bwd)
+
+
+def deq_loop_adjoint(p: Any, x: jax.Array) -> jax.Array:
+    return _solve_fp(p["w"], x @ p["a"]) @ p["v"]
+
+
+def test_a_while_loop_inside_a_rules_backward_pass_refuses_only_ntvp():
+    """ntvp differentiates the backward pass, which loops: it refuses, saying
+    so; the others apply the rule and are exact, so auto is too."""
+    p = _params()
+    x1, x2 = _inputs()
+    want = reference_ntk(deq_loop_adjoint, p, x1, x2)
+    with pytest.raises(ntkdist.ModelError) as err:
+        ntkdist.ntk(deq_loop_adjoint, p, x1, x2, strategy="ntvp")
+    msg = str(err.value)
+    assert "backward pass of a jax.custom_vjp function (_solve_fp)" in msg
+    assert "no strategy" not in msg and "'structured' or 'jacobian'" in msg
+    for strategy in ("structured", "jacobian", "auto"):
+        got = ntkdist.ntk(deq_loop_adjoint, p, x1, x2, strategy=strategy)
+        assert_kernel_close(got, want)

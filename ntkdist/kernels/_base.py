@@ -19,6 +19,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import functools
+import math
 from typing import Any, ClassVar, Literal
 
 import jax
@@ -206,4 +207,4 @@ def _forward_flops(
     if isinstance(analysis, list):  # older jax returned one dict per device
         analysis = analysis[0] if analysis else {}
     flops = float((analysis or {}).get("flops", 0.0))
-    return max(flops, 2.0 * param_count(params))
+    return max(flops, 2.0 * sum(math.prod(shape) for shape, _ in avals))

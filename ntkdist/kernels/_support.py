@@ -168,9 +168,19 @@ def refusal(
         found = constructs(model, params, x)
     except Exception:
         found = []
+    rules = [c for c in found if c.primitive.startswith("custom_vjp")]
+    if _REVERSE_WHILE in text and not any(c.primitive == "while" for c in found):
+        # The loop is inside a custom rule, which this strategy differentiated.
+        where = "; ".join(map(str, rules)) or "a custom rule"
+        return ModelError(
+            f"strategy {strategy!r} differentiates the backward pass of {where} "
+            "(ntvp forms J(x1)·u as the transpose of a vjp), and that backward "
+            "pass runs a lax.while_loop, which JAX cannot reverse-differentiate. "
+            "Use strategy='structured' or 'jacobian', which only apply the rule."
+        )
     if _REVERSE_WHILE in text:
         loops = [c for c in found if c.primitive == "while"]
-        where = "; ".join(map(str, loops)) or "lax.while_loop"
+        where = "; ".join(map(str, loops))
         return ModelError(
             f"parameters flow into {where}: JAX has no reverse-mode derivative "
             "of a while_loop (jax.jacrev fails on this model too), so no "
@@ -179,7 +189,6 @@ def refusal(
             "(for a fixed point, the implicit-function-theorem rule)."
         )
     if _FORWARD_CUSTOM_VJP in text:
-        rules = [c for c in found if c.primitive.startswith("custom_vjp")]
         where = "; ".join(map(str, rules)) or "a jax.custom_vjp function"
         return ModelError(
             f"strategy {strategy!r} needs forward-mode derivatives, which JAX "
@@ -188,9 +197,11 @@ def refusal(
         )
     near = f" (parameters flow into {'; '.join(map(str, found))})" if found else ""
     return ModelError(
-        f"strategy {strategy!r} cannot compute this model's kernel{near}: "
-        f"{type(err).__name__}: {text.splitlines()[0] if text else ''}. Use "
-        "strategy='jacobian', which works wherever jax.jacrev of the model does."
+        f"strategy {strategy!r} cannot compute this model's kernel{near}: it "
+        f"failed while tracing the model with {type(err).__name__}: "
+        f"{text.splitlines()[0] if text else ''}. That is a limit (or a bug) of "
+        "this strategy, not of the model: use strategy='jacobian', which works "
+        "wherever jax.jacrev of the model does."
     )
 
 
