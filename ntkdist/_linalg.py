@@ -23,12 +23,8 @@ from typing import final
 import numpy as np
 import scipy.linalg
 
-from ._errors import NtkdistError
-from ._kernel_source import KernelInputError, KernelSource
-
-
-class SolverError(NtkdistError, RuntimeError):
-    """A kernel solve failed: not positive definite, or CG did not converge."""
+from ._errors import KernelInputError, SolverError as SolverError
+from ._kernel_source import KernelSource
 
 
 @final

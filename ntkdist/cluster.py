@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from ._errors import ClusterError as ClusterError, InputError
 from ._hugepages import huge_pages_env
 from ._tls import (
     ROLES as ROLES,
@@ -69,7 +70,7 @@ def worker_env(
         Environment variables as strings, ready for ``env=`` of a cluster.
 
     Raises:
-        ValueError: both ``gpu`` and ``tpu`` are set.
+        InputError: both ``gpu`` and ``tpu`` are set (a ``ValueError``).
 
     Example:
         >>> env = worker_env(gpu=True, x64=True)
@@ -79,7 +80,7 @@ def worker_env(
         'cpu'
     """
     if gpu and tpu:
-        raise ValueError(
+        raise InputError(
             "worker_env() got gpu=True and tpu=True; a worker drives one kind of "
             "accelerator, so pass one of them."
         )
@@ -142,14 +143,14 @@ def rotated_visible_devices(index: int, count: int) -> str:
         The device list starting at ``index`` and wrapping around.
 
     Raises:
-        ValueError: ``index`` is outside ``range(count)``.
+        InputError: ``index`` is outside ``range(count)`` (a ``ValueError``).
 
     Example:
         >>> rotated_visible_devices(1, 4)
         '1,2,3,0'
     """
     if not 0 <= index < count:
-        raise ValueError(f"worker index {index} is outside range({count}) GPUs.")
+        raise InputError(f"worker index {index} is outside range({count}) GPUs.")
     return ",".join(str((index + k) % count) for k in range(count))
 
 
@@ -216,7 +217,8 @@ class JaxDevicePlugin(WorkerPlugin):
         """Configure JAX in this worker process and check its devices.
 
         Raises:
-            RuntimeError: a GPU worker sees other than one CUDA device.
+            ClusterError: a GPU worker sees other than one CUDA device (a
+                ``RuntimeError``).
         """
         if self.gpu:
             os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -230,7 +232,7 @@ class JaxDevicePlugin(WorkerPlugin):
             jax.config.update("jax_compilation_cache_dir", self.compilation_cache_dir)
         devices = jax.local_devices()
         if self.gpu and (len(devices) != 1 or devices[0].platform != "gpu"):
-            raise RuntimeError(
+            raise ClusterError(
                 f"worker {worker.name} should see one CUDA device, but JAX sees "
                 f"{devices}; start one worker per GPU with JAX_PLATFORMS=cuda."
             )

@@ -7,7 +7,7 @@ import json
 import math
 from typing import Any
 
-from .._errors import PlanError
+from .._errors import InputError, PlanError
 from ._budget import CostModel, format_bytes, largest_tile_within
 from ._tiling import Tile, n_blocks, tiles
 
@@ -282,7 +282,7 @@ def make_plan(
     n_max = max(n1, n2)
     if tile is not None:
         if tile < 1:
-            raise PlanError(f"tile={tile}; expected a positive number of samples.")
+            raise InputError(f"tile={tile}; expected a positive number of samples.")
         t = min(tile, n_max)
         if memory_budget is not None:
             fits = largest_tile_within(memory_budget, cost, n_max, what=what)
@@ -336,7 +336,9 @@ def make_plan(
     elif cache in CACHE_LEVELS:
         level = cache
     else:
-        raise PlanError(f"cache={cache!r}; expected 'auto' or one of {CACHE_LEVELS}.")
+        raise InputError(
+            f"cache={cache!r}; expected 'auto' or one of {CACHE_LEVELS}."
+        )
     flops, read = figures[level]
     held = (
         0.0
