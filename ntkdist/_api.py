@@ -11,6 +11,7 @@ import numpy as np
 from . import _inputs
 from ._model import ApplyFn, Model, as_model
 from ._precision import DEFAULT as DEFAULT_PRECISION, applies_precision
+from ._units import parse_bytes
 from .kernels import AbstractKernelStrategy, choose, get
 
 
@@ -23,7 +24,7 @@ def ntk(
     *,
     output: str = "full",
     strategy: str | AbstractKernelStrategy = "auto",
-    memory_budget: float | None = None,
+    memory_budget: float | str | None = None,
     check_finite: bool = True,
     check_independence: bool = True,
     integer_inputs: bool = False,
@@ -55,7 +56,8 @@ def ntk(
             ``"ntvp"`` (NTK-vector products), ``"structured"`` (structured
             derivatives), ``"auto"`` (fewest predicted FLOPs that fit
             ``memory_budget``), or an ``AbstractKernelStrategy``.
-        memory_budget: bytes ``auto`` may use; ``None`` means no limit.
+        memory_budget: bytes ``auto`` may use (``"2GiB"`` or a number);
+            ``None`` means no limit.
         check_finite: refuse NaN/inf in params or inputs (an error, not a warning).
         check_independence: refuse models whose outputs couple samples.
         integer_inputs: allow integer inputs (token or class ids).
@@ -83,6 +85,7 @@ def ntk(
     """
     _inputs.check_output(output)
     _inputs.check_strategy(strategy)
+    budget = parse_bytes(memory_budget)
     _inputs.check_params(params, check_finite=check_finite)
     x1 = _inputs.as_inputs(
         x1, "x1", integer_inputs=integer_inputs, check_finite=check_finite
@@ -98,7 +101,7 @@ def ntk(
     x2 = None if x2 is None else jnp.asarray(x2)
     if strategy == "auto":
         n2 = x1.shape[0] if x2 is None else x2.shape[0]
-        chosen, _ = choose(model, params, x1, x1.shape[0], n2, output, memory_budget)
+        chosen, _ = choose(model, params, x1, x1.shape[0], n2, output, budget)
     else:
         chosen = get(strategy)
     result = chosen.tile(model, params, x1, x2, output)

@@ -12,7 +12,8 @@ from hypothesis import given, settings, strategies as st
 
 from ntkdist import PlanError
 from ntkdist._planner import CostModel, Plan, largest_tile_within, make_plan, tiles
-from ntkdist._planner._budget import WORKER_BASELINE_BYTES, format_bytes, parse_bytes
+from ntkdist._planner._budget import WORKER_BASELINE_BYTES
+from ntkdist._units import format_bytes
 
 PLANNER = pathlib.Path(__file__).parents[1] / "ntkdist" / "_planner"
 
@@ -196,21 +197,3 @@ def test_default_tile_gives_each_worker_tiles():
     )
     assert p.n_tiles >= 8
     assert p.tile <= 1024
-
-
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        ("2GiB", 2 * 2**30),  # binary units
-        ("4GB", 4e9),  # decimal units
-        ("512 MiB", 512 * 2**20),  # a space is allowed
-        (1000, 1000.0),  # numbers pass through
-    ],
-)
-def test_parse_bytes(text, expected):
-    assert parse_bytes(text) == expected
-
-
-def test_parse_bytes_rejects_nonsense():
-    with pytest.raises(PlanError, match="not a size"):
-        parse_bytes("lots")
