@@ -4,8 +4,7 @@ Public names live here; code lives in underscored modules.
 """
 
 from . import kernels as kernels, regression as regression
-from ._api import ntk as ntk
-from ._compute import compute as compute, open as open, plan as plan
+from ._api import compute as compute, ntk as ntk, open as open, plan as plan
 from ._errors import (
     ExecutionError as ExecutionError,
     InputError as InputError,

@@ -156,7 +156,7 @@ def _one_output(
     written = store_bytes(path)
     done, total = store.progress()
     tile = store.plan.tile_rows
-    chosen = store.attrs["strategy"]
+    chosen = store.spec.strategy
     log(
         f"ntkdist {output}: {engine_s:.1f} s, {total} tiles of {tile}, "
         f"{chosen}, factor cache {getattr(store.plan, 'cache', '-')}, "

@@ -331,7 +331,7 @@ def run_ooc(
             "command": "ntkdist " + " ".join(cmd[3:]),
             "plan_text": str(predicted),
             "plan_predicted_seconds": predicted.est_seconds,
-            "strategy": final.attrs["strategy"],
+            "strategy": final.spec.strategy,
             "tile": plan.tile_rows,
             "tiles": total,
             "tiles_done": done,

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from . import bench
-from ._compute import NOMINAL_TILE
+from ._job import NOMINAL_TILE
 from ._model import Model
 from .kernels import STRATEGIES, choose, get
 

@@ -1,6 +1,6 @@
 """The ``ntkdist`` command line: compute, plan, status, verify.
 
-Parsing and printing only; the work is in :mod:`ntkdist._compute`.
+Parsing and printing only; the work is in :mod:`ntkdist._api`.
 
 MODEL is ``path/to/file.py:factory`` or ``package.module:factory``, where
 ``factory()`` returns ``(apply_fn, params)``. Inputs are ``.npy`` files,
@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ._errors import InputError, ModelError, NtkdistError
+from ._planner import CACHE_LEVELS
 
 EXIT_ERROR = 2
 EXIT_PROBLEMS = 1
@@ -184,7 +185,7 @@ def _job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--cache",
         default="auto",
-        choices=["auto", "none", "memory", "store"],
+        choices=["auto", *CACHE_LEVELS],
         help="where input blocks' factors are kept between tiles: each worker's "
         "memory, a Zarr factor store inside the kernel store, or nowhere "
         "(recomputed); auto: the plan's predicted fastest",
@@ -270,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_compute(args: argparse.Namespace) -> int:
-    from ._compute import compute
+    from ._api import compute
 
     x1 = load_input(args.x1)
     x2 = None if args.x2 is None else load_input(args.x2)
@@ -302,7 +303,7 @@ def _cmd_compute(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from ._compute import plan
+    from ._api import plan
 
     x1 = load_input(args.x1)
     x2 = None if args.x2 is None else load_input(args.x2)
@@ -327,7 +328,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from ._compute import open as open_store
+    from ._api import open as open_store
     from .storage import lock_path
 
     store = open_store(args.store)
@@ -353,9 +354,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
         + (" complete" if done == total else "")
     )
     print(f"lock         {'held: ' + lock if os.path.exists(lock) else 'free'}")
-    print(
-        f"model        {store.attrs.get('model_spec') or store.attrs.get('model_name')}"
-    )
+    print(f"model        {store.spec.model_spec or store.spec.model_name}")
     print(f"fingerprint  {store.fingerprint}")
     for k, v in store.fields.items():
         print(f"  {k:<10} {v}")
@@ -364,7 +363,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from ._compute import open as open_store, repair
+    from ._api import open as open_store, repair
 
     store = open_store(args.store)
     holes, corrupt = store.check_tiles()
@@ -381,7 +380,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         return EXIT_PROBLEMS if holes or corrupt else 0
     if not holes and not corrupt:
         return 0
-    spec = args.model or store.attrs.get("model_spec")
+    spec = args.model or store.spec.model_spec
     if not spec:
         raise InputError(
             f"the store at {store.path} records no MODEL spec; pass "

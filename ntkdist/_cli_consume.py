@@ -126,7 +126,7 @@ def load_kernel(path: str) -> Any:
         return np.load(path, mmap_mode="r")
     if not os.path.exists(path) and "://" not in path:
         raise KernelInputError(f"{path}: no such kernel store or file.")
-    from ._compute import open as open_store
+    from ._api import open as open_store
 
     try:
         return open_store(path)

@@ -18,6 +18,7 @@ XLA_OVERHEAD = 2.0
 # the transposed mirror and zarr's encoded chunk.
 OUTPUT_COPIES = 4
 
+
 @dataclasses.dataclass(frozen=True)
 class CostModel:
     """Work of one ``n1 × n2`` tile as ``c + a·n1 + b·n2 + d·n1·n2``.

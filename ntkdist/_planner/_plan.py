@@ -145,6 +145,12 @@ class Plan:
         ) / parallel
         return compute + self.read_bytes / READ_RATE + self.bytes_on_disk / WRITE_RATE
 
+    @property
+    def nominal_seconds(self) -> float:
+        """Predicted time at the nominal FLOP and read rates, to compare plans
+        of one job (``strategy="auto"`` picks the smallest)."""
+        return self.total_flops / DEFAULT_FLOP_RATE + self.read_bytes / READ_RATE
+
     def tiles(self) -> tuple[Tile, ...]:
         """The tiles, row-major (upper triangle with mirrors when symmetric)."""
         return tiles(self.n1, self.n2, self.tile_rows, self.tile_cols, self.symmetric)
@@ -336,9 +342,7 @@ def make_plan(
     elif cache in CACHE_LEVELS:
         level = cache
     else:
-        raise InputError(
-            f"cache={cache!r}; expected 'auto' or one of {CACHE_LEVELS}."
-        )
+        raise InputError(f"cache={cache!r}; expected 'auto' or one of {CACHE_LEVELS}.")
     flops, read = figures[level]
     held = (
         0.0

@@ -27,7 +27,8 @@ from .._hugepages import huge_pages_env
 from .._model import Model
 from .._planner import Tile
 from ._base import AbstractExecutor, OnDone
-from ._task import ByValue, TileSpec, run_tile
+from ._spec import TileSpec
+from ._task import ByValue, run_tile
 
 # Futures in flight per worker thread: enough to keep workers busy, few
 # enough that an interrupted job loses little.
