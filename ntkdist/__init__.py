@@ -17,6 +17,7 @@ from ._errors import (
 )
 from ._model import Model as Model
 from ._planner import Plan as Plan
+from ._version import __version__ as __version__
 from .regression import (
     FingerprintMismatchError as FingerprintMismatchError,
     GpPrediction as GpPrediction,
@@ -33,5 +34,3 @@ from .regression import (
     spectrum as spectrum,
 )
 from .storage import KernelStore as KernelStore
-
-__version__ = "0.1.0"

@@ -12,6 +12,7 @@ import numpy as np
 from . import _inputs
 from ._model import ApplyFn, Model, as_model
 from ._precision import DEFAULT as DEFAULT_PRECISION, current as current_precision
+from ._version import __version__
 from .kernels import AbstractKernelStrategy, choose, get
 from .storage import array_digest, digest, model_digest, params_digest
 
@@ -83,8 +84,6 @@ def prepare(
         chosen, _ = choose(model, params, jnp.asarray(probe), t, t, output, None)
     else:
         chosen = get(strategy)
-    import ntkdist
-
     fields = {
         "model": model_digest(model, params, probe[:1]),
         "params": params_digest(params),
@@ -96,7 +95,7 @@ def prepare(
         "strategy": digest(repr(chosen)),
         "dtype": digest(dtype),
         "precision": digest(current_precision()),
-        "versions": digest(ntkdist.__version__, jax.__version__),
+        "versions": digest(__version__, jax.__version__),
     }
     return Job(
         model,

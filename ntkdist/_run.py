@@ -23,6 +23,7 @@ from ._errors import ExecutionError, InputError, StoreError
 from ._job import Job
 from ._model import Model
 from ._planner import Plan, Tile
+from ._version import __version__
 from .executors import (
     AbstractExecutor,
     DaskExecutor,
@@ -210,10 +211,8 @@ def _qualname(fn: Any) -> str:
 def _versions() -> dict[str, str]:
     import dask
 
-    import ntkdist
-
     return {
-        "ntkdist": ntkdist.__version__,
+        "ntkdist": __version__,
         "jax": jax.__version__,
         "zarr": zarr.__version__,
         "dask": dask.__version__,
