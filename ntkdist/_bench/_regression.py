@@ -33,8 +33,8 @@ import time
 import numpy as np
 import zarr
 
-from .._kernel_source import KernelSource
-from .._ridge import kernel_ridge
+from ..regression._ridge import kernel_ridge
+from ..regression._source import KernelSource
 
 
 def build(path: str, n: int, chunk: int, features: int, labels: int, seed: int) -> None:

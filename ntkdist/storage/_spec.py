@@ -16,17 +16,10 @@ import json
 from collections.abc import Mapping
 from typing import Any, final
 
+from .._outputs import CONVENTIONS
 from .._planner import Plan
 
 FORMAT = "ntkdist-kernel-store/1"
-
-# What each output form holds, recorded in every store for its readers.
-CONVENTIONS = {
-    "full": "K[i,j,a,b] = <df_a(x1_i)/dθ, df_b(x2_j)/dθ>",
-    "trace": "K[i,j] = (1/O) Σ_a full[i,j,a,a]",
-    "diagonal": "K[i,j,a] = full[i,j,a,a]",
-    "pntk": "K[i,j] = (1/O) Σ_a Σ_b full[i,j,a,b]",
-}
 
 
 @final

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import zarr
 
+from .._outputs import mirror_axes
 from .._planner import Tile
 from . import _direct
 from ._direct import checksum as checksum
@@ -22,8 +23,7 @@ def mirror_block(block: np.ndarray, output: str) -> np.ndarray:
 
 
 def _mirror_view(block: np.ndarray, output: str) -> np.ndarray:
-    axes = {"full": (1, 0, 3, 2), "diagonal": (1, 0, 2)}.get(output, (1, 0))
-    return block.transpose(axes)
+    return block.transpose(mirror_axes(output))
 
 
 def write_tile(

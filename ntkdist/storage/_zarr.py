@@ -28,6 +28,7 @@ import zarr
 from zarr.core.sync import sync
 
 from .._errors import StoreError
+from .._outputs import kernel_shape
 from .._planner import Plan, Tile
 from ._spec import StoreSpec
 from ._tiles import checksum
@@ -141,7 +142,7 @@ class KernelStore:
             )
         try:
             group = zarr.open_group(store=path, mode="w", attributes={CREATING: True})
-            out_shape = _kernel_shape(plan)
+            out_shape = kernel_shape(plan.output, plan.n1, plan.n2, plan.out_dim)
             chunks = (plan.tile_rows, plan.tile_cols, *out_shape[2:])
             group.create_array(
                 "kernel",
@@ -345,13 +346,6 @@ def json_plan(plan: Plan) -> dict[str, Any]:
     import json
 
     return dict(json.loads(plan.to_json()))
-
-
-def _kernel_shape(plan: Plan) -> tuple[int, ...]:
-    o = plan.out_dim
-    return {"full": (plan.n1, plan.n2, o, o), "diagonal": (plan.n1, plan.n2, o)}.get(
-        plan.output, (plan.n1, plan.n2)
-    )
 
 
 def _copy_input(group: zarr.Group, name: str, x: Any, rows: int) -> None:

@@ -27,15 +27,16 @@ from typing import Any, final
 import numpy as np
 import zarr
 
-from ._errors import (
+from .._errors import (
     FingerprintMismatchError as FingerprintMismatchError,
     IncompleteKernelError as IncompleteKernelError,
     InputError,
     KernelInputError as KernelInputError,
 )
-from ._units import parse_bytes
+from .._outputs import OUTPUT_AXES
+from .._units import parse_bytes
 
-OUTPUT_NDIM = {"full": 4, "trace": 2, "pntk": 2, "diagonal": 3}
+OUTPUT_NDIM = {k: 2 + axes for k, axes in OUTPUT_AXES.items()}
 NDIM_OUTPUT = {4: "full", 3: "diagonal", 2: "trace"}
 DEFAULT_BUDGET = "4GiB"
 
