@@ -36,7 +36,7 @@ from ._run import (
 from ._units import parse_bytes
 from .executors import AbstractExecutor, read_block
 from .executors._dask import default_workers
-from .kernels import AbstractKernelStrategy, choose, get
+from .kernels import AbstractKernelStrategy, compute_tile
 from .storage import KernelStore, check_same_job, model_digest, params_digest
 
 
@@ -124,12 +124,7 @@ def ntk(
     _inputs.check_model(model, params, x1, independence=check_independence)
     x1 = jnp.asarray(x1)
     x2 = None if x2 is None else jnp.asarray(x2)
-    if strategy == "auto":
-        n2 = x1.shape[0] if x2 is None else x2.shape[0]
-        chosen, _ = choose(model, params, x1, x1.shape[0], n2, output, budget)
-    else:
-        chosen = get(strategy)
-    result = chosen.tile(model, params, x1, x2, output)
+    result = compute_tile(strategy, model, params, x1, x2, output, budget)
     dtype = jnp.result_type(*jax.tree_util.tree_leaves(params), x1)
     return np.asarray(result.astype(dtype))
 

@@ -63,6 +63,11 @@ def check_params(params: Any, *, check_finite: bool = True) -> None:
             )
 
 
+def _is_float(dtype: np.dtype) -> bool:
+    """Real floating point, bfloat16 and the other ml_dtypes floats included."""
+    return bool(jnp.issubdtype(dtype, jnp.floating))
+
+
 def as_inputs(
     x: Any, name: str, *, integer_inputs: bool = False, check_finite: bool = True
 ) -> jax.Array | np.ndarray:
@@ -83,7 +88,7 @@ def as_inputs(
         raise InputError(
             f"{name} has complex dtype {dtype}; ntkdist computes real NTKs only."
         )
-    if not np.issubdtype(dtype, np.floating) and not (
+    if not _is_float(dtype) and not (
         integer_inputs and np.issubdtype(dtype, np.integer)
     ):
         raise InputError(
@@ -93,7 +98,7 @@ def as_inputs(
         )
     if (
         check_finite
-        and np.issubdtype(dtype, np.floating)
+        and _is_float(dtype)
         and not bool(jnp.all(jnp.isfinite(jnp.asarray(x))))
     ):
         raise InputError(

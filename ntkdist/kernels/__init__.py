@@ -6,7 +6,14 @@ from ._base import (
     Cost as Cost,
     tile_shape as tile_shape,
 )
-from ._choose import STRATEGIES as STRATEGIES, choose as choose, get as get
+from ._choose import (
+    STRATEGIES as STRATEGIES,
+    choose as choose,
+    compute_tile as compute_tile,
+    get as get,
+    rank as rank,
+)
 from ._jacobian import JacobianContraction as JacobianContraction
 from ._structured import StructuredDerivatives as StructuredDerivatives
+from ._support import check_supported as check_supported
 from ._vector_products import NtkVectorProducts as NtkVectorProducts

@@ -1,4 +1,5 @@
-"""Strategy names, and ``auto``: the cheapest strategy that fits the memory given."""
+"""Strategy names, and ``auto``: the cheapest strategy that fits the memory given
+and can compute the model (one that cannot never takes ``auto`` down with it)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,12 @@ from typing import Any
 
 import jax
 
-from .._errors import InputError, PlanError
+from .._errors import InputError, ModelError, PlanError
 from .._model import Model
 from ._base import AbstractKernelStrategy, Cost
 from ._jacobian import JacobianContraction
 from ._structured import StructuredDerivatives
+from ._support import all_refused, check_supported, is_failure_to_trace, refusal
 from ._vector_products import NtkVectorProducts
 
 STRATEGIES: dict[str, type[AbstractKernelStrategy]] = {
@@ -40,7 +42,7 @@ def _fmt_bytes(n: float) -> str:
     raise AssertionError
 
 
-def choose(
+def rank(
     model: Model,
     params: Any,
     x: jax.Array,
@@ -48,20 +50,31 @@ def choose(
     n2: int,
     output: str,
     memory_budget: float | None = None,
-) -> tuple[AbstractKernelStrategy, dict[str, Cost]]:
-    """Pick the strategy with the fewest predicted FLOPs among those that fit.
+) -> tuple[list[str], dict[str, Cost], dict[str, ModelError]]:
+    """Strategies that fit ``memory_budget``, cheapest predicted FLOPs first.
 
     Costs come from each strategy's model of its own work, with the forward
     pass's FLOPs taken from XLA's cost analysis of the real model. Nothing is
-    compiled or run.
+    compiled or run. A strategy whose cost cannot even be modelled (its walk of
+    the model fails) is left out, with its refusal.
+
+    Returns:
+        ``(names, costs, refusals)``.
 
     Raises:
         PlanError: no strategy fits ``memory_budget`` for an ``n1 × n2`` tile.
     """
-    costs = {
-        name: cls().cost(model, params, x, n1, n2, output)
-        for name, cls in STRATEGIES.items()
-    }
+    costs: dict[str, Cost] = {}
+    refusals: dict[str, ModelError] = {}
+    for name, cls in STRATEGIES.items():
+        try:
+            costs[name] = cls().cost(model, params, x, n1, n2, output)
+        except Exception as err:
+            if not is_failure_to_trace(err):
+                raise
+            refusals[name] = refusal(name, model, params, x, err)
+    if not costs:
+        raise all_refused(refusals)
     fitting = {
         k: c
         for k, c in costs.items()
@@ -75,5 +88,69 @@ def choose(
             f"needs {_fmt_bytes(need)}); raise the budget, use smaller tiles, or "
             f"use output='trace' or 'pntk'."
         )
-    best = min(fitting, key=lambda k: (fitting[k].flops, k != "structured"))
-    return STRATEGIES[best](), costs
+    names = sorted(fitting, key=lambda k: (fitting[k].flops, k != "structured"))
+    return names, costs, refusals
+
+
+def choose(
+    model: Model,
+    params: Any,
+    x: jax.Array,
+    n1: int,
+    n2: int,
+    output: str,
+    memory_budget: float | None = None,
+) -> tuple[AbstractKernelStrategy, dict[str, Cost]]:
+    """Pick the strategy with the fewest predicted FLOPs among those that fit
+    and that can compute this model (each candidate is traced on a ``1 × 1``
+    tile, in cost order, until one succeeds).
+
+    Raises:
+        PlanError: no strategy fits ``memory_budget`` for an ``n1 × n2`` tile.
+        ModelError: no strategy can compute this model's kernel.
+    """
+    names, costs, refusals = rank(model, params, x, n1, n2, output, memory_budget)
+    for name in names:
+        strategy = STRATEGIES[name]()
+        try:
+            check_supported(strategy, model, params, x, output)
+        except ModelError as err:
+            refusals[name] = err
+            continue
+        return strategy, costs
+    raise all_refused(refusals)
+
+
+def compute_tile(
+    strategy: str | AbstractKernelStrategy,
+    model: Model,
+    params: Any,
+    x1: jax.Array,
+    x2: jax.Array | None,
+    output: str,
+    memory_budget: float | None = None,
+) -> jax.Array:
+    """One tile with ``strategy``; ``"auto"`` falls back along the cost order.
+
+    A strategy that cannot handle the model fails while JAX traces it, before
+    any work: ``auto`` then moves on to the next cheapest, and an explicitly
+    requested strategy raises a :class:`ModelError` naming the construct.
+    """
+    if strategy != "auto":
+        chosen = get(strategy)
+        try:
+            return chosen.tile(model, params, x1, x2, output)
+        except Exception as err:
+            if not is_failure_to_trace(err):
+                raise
+            raise refusal(chosen.name, model, params, x1, err) from err
+    n2 = x1.shape[0] if x2 is None else x2.shape[0]
+    names, _, refusals = rank(model, params, x1, x1.shape[0], n2, output, memory_budget)
+    for name in names:
+        try:
+            return STRATEGIES[name]().tile(model, params, x1, x2, output)
+        except Exception as err:
+            if not is_failure_to_trace(err):
+                raise
+            refusals[name] = refusal(name, model, params, x1, err)
+    raise all_refused(refusals)

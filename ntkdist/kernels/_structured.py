@@ -87,6 +87,42 @@ def _dot_axes(use: _walk.Use) -> tuple[list[int], list[int], list[int], list[int
 
 
 def _layout(use: _walk.Use) -> _Layout:
+    """The use's layout; a use at every step of a scan has ``steps`` times the
+    positions of one step."""
+    lay = _step_layout(use)
+    return lay if use.steps == 1 else dataclasses.replace(lay, t=lay.t * use.steps)
+
+
+def _one_step(use: _walk.Use) -> _walk.Use:
+    return dataclasses.replace(use, steps=1)
+
+
+def _canon_act_steps(use: _walk.Use, act: jax.Array) -> jax.Array:
+    """``_canon_act`` of every step ``[steps, *act]`` as one ``[B, steps·T, C]``."""
+    if use.steps == 1:
+        return _canon_act(use, act)
+    a = jax.vmap(functools.partial(_canon_act, _one_step(use)))(act)
+    return a.transpose(1, 0, 2, 3).reshape(a.shape[1], -1, a.shape[3])
+
+
+def _canon_delta_steps(use: _walk.Use, delta: jax.Array) -> jax.Array:
+    """``_canon_delta`` of ``[o, steps, *out]`` as one ``[o, B, steps·T, F]``."""
+    if use.steps == 1:
+        return _canon_delta(use, delta)
+    step = functools.partial(_canon_delta, _one_step(use))
+    d = jax.vmap(step, in_axes=1)(delta)  # [steps, o, B, T, F]
+    return d.transpose(1, 2, 0, 3, 4).reshape(d.shape[1], d.shape[2], -1, d.shape[4])
+
+
+def _weight_rows_steps(use: _walk.Use, act: jax.Array, delta: jax.Array) -> jax.Array:
+    """``_weight_rows`` summed over the steps of a scan."""
+    if use.steps == 1:
+        return _weight_rows(use, act, delta)
+    step = functools.partial(_weight_rows, _one_step(use))
+    return jax.vmap(step, in_axes=(0, 1))(act, delta).sum(axis=0)
+
+
+def _step_layout(use: _walk.Use) -> _Layout:
     size = lambda shape, axes: math.prod(shape[a] for a in axes)
     if use.primitive == "dot_general":
         wc, ac, wb, ab = _dot_axes(use)
@@ -298,7 +334,9 @@ class StructuredDerivatives(AbstractKernelStrategy):
         }
         uses = {u.index: u for u in an.uses}
         probes = {
-            i: jnp.zeros(uses[i].out_shape, uses[i].dtype) for i in active if i in uses
+            i: jnp.zeros(_probe_shape(uses[i]), uses[i].dtype)
+            for i in active
+            if i in uses
         }
         fb_leaves = [leaves[k] for k in fb]
 
@@ -398,16 +436,22 @@ def _sample_factors(
     rows = []
     for g in groups:
         if g.gram:
-            a = [_scale(_canon_act(u, acts[u.index]), scales[u.index]) for u in g.uses]
+            a = [
+                _scale(_canon_act_steps(u, acts[u.index]), scales[u.index])
+                for u in g.uses
+            ]
             if g.bias is not None:  # Σ (a1·a2 + s²) <δ1, δ2>: one more column
                 s = scales.get(g.bias.index)
                 ones = jnp.ones((*a[0].shape[:-1], 1), a[0].dtype)
                 a = [jnp.concatenate([a[0], _scale(ones, s)], axis=-1)]
-            d = [_canon_delta(u, deltas[u.index]) for u in g.uses]
+            d = [_canon_delta_steps(u, deltas[u.index]) for u in g.uses]
             grams.append((jnp.concatenate(a, axis=1), jnp.concatenate(d, axis=2)))
         else:
             r = [
-                _scale(_weight_rows(u, acts[u.index], deltas[u.index]), scales[u.index])
+                _scale(
+                    _weight_rows_steps(u, acts[u.index], deltas[u.index]),
+                    scales[u.index],
+                )
                 for u in g.uses
             ]
             rows.append(sum(r[1:], r[0]))
@@ -418,6 +462,10 @@ def _sample_factors(
     )
     rows.extend(v.reshape(o, -1) for v in dfb)
     return grams, (jnp.concatenate(rows, axis=1) if rows else None)
+
+
+def _probe_shape(use: _walk.Use) -> tuple[int, ...]:
+    return use.out_shape if use.steps == 1 else (use.steps, *use.out_shape)
 
 
 def _scale(v: jax.Array, s: Any) -> jax.Array:

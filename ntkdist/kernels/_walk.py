@@ -18,13 +18,22 @@ output (the *delta*). This module gets both from any JAX function:
    activations. The gradient of the output with respect to a probe is the
    use's delta.
 
-Calls (``jit``, ``checkpoint``/``remat``, ``custom_jvp``, ``custom_vjp``,
-``closed_call``) that receive chain values are inlined, and ``lax.scan`` loops
-that do are unrolled (up to ``MAX_UNROLL`` steps), so weights used inside them
-get structured rules too: a weight used in every step of a scan is a weight used
-``length`` times. Anything else that consumes a chain value (``while``, ``cond``,
-a scan longer than ``MAX_UNROLL``) is bound unchanged and its leaves fall back
-to explicit Jacobians, which is always correct.
+Calls (``jit``, ``checkpoint``/``remat``, ``closed_call``) that receive chain
+values are inlined, so weights used inside them get structured rules too. A
+``lax.scan`` whose body uses a weight it closes over is a weight used at every
+step: the scan stays a scan (never unrolled, so a 10,000-step RNN compiles like
+a 10-step one), each probe travels in as one more scanned input and each
+activation comes out as one more scanned output, and the use is recorded with
+``steps = length`` (its positions ``T`` are the steps times the per-step
+positions). Anything else that consumes a chain value (``while``, ``cond``, a
+weight carried or scanned over) is bound unchanged and its leaves fall back to
+explicit Jacobians, which is always correct.
+
+Custom derivative rules (``custom_jvp``, ``custom_vjp``) are never inlined: the
+rule is the derivative its author means (a straight-through estimator, an
+implicit layer whose primal is a ``while_loop``), and differentiating the primal
+instead would give another kernel or none. A call that receives a chain value is
+bound unchanged, so its leaves get explicit Jacobian rows through the rule.
 """
 
 from __future__ import annotations
@@ -37,8 +46,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax.extend import core as jcore
-
-MAX_UNROLL = 256
 
 # Primitives that map a chain value to a chain value. mul/div only with a
 # constant scalar; handled separately.
@@ -59,9 +66,6 @@ _CALLS = {
     "core_call": "call_jaxpr",
     "remat2": "jaxpr",
     "checkpoint": "jaxpr",
-    "custom_jvp_call": "call_jaxpr",
-    "custom_vjp_call": "call_jaxpr",
-    "custom_vjp_call_jaxpr": "fun_jaxpr",
 }
 
 
@@ -102,6 +106,10 @@ class Use:
         weight_shape: shape of the weight operand.
         out_shape: per-sample shape of the primitive's output.
         dtype: dtype of the output.
+        bind: binds the primitive on ``(weight, act)`` in its operand order.
+        steps: how many scan steps use it (the product over nested scans);
+            its activations, probes and deltas carry a leading ``steps`` axis
+            when ``steps > 1``.
     """
 
     index: int
@@ -115,6 +123,7 @@ class Use:
     out_shape: tuple[int, ...]
     dtype: Any
     bind: Callable[..., jax.Array] = dataclasses.field(compare=False, hash=False)
+    steps: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,6 +164,11 @@ class _Walk:
     acts: dict[int, jax.Array] = dataclasses.field(default_factory=dict)
     scales: dict[int, jax.Array] = dataclasses.field(default_factory=dict)
     counter: int = 0
+    steps: int = 1  # scan steps around the equation being walked
+    # Scans in walk order: the use index and scan number each one ends at.
+    spans: dict[int, tuple[int, int]] = dataclasses.field(default_factory=dict)
+    scans: int = 0
+    steps_of: dict[int, int] = dataclasses.field(default_factory=dict)
 
     # -- the interpreter -------------------------------------------------
 
@@ -207,6 +221,10 @@ class _Walk:
             biased = self._bias(eqn, vals, tags, scales, chains[0])
             if biased is not None:
                 return [biased]
+        if name in ("add", "sub") and len(chains) == 1:
+            shifted = self._shifted(eqn, vals, tags, scales, chains[0])
+            if shifted is not None:
+                return [shifted]
         spread = any(tags[i].spread is not None for i in chains)
         if spread:
             pass  # a broadcast chain has no rule but as a bias: fall through
@@ -238,8 +256,8 @@ class _Walk:
             consts = closed.consts if closed is not None else []
             outs, otags, oscales = self.eval(inner, consts, vals, tags, scales)
             return list(zip(outs, otags, oscales, strict=True))
-        if name == "scan" and eqn.params["length"] <= MAX_UNROLL:
-            return self._unroll_scan(eqn, vals, tags, scales)
+        if name == "scan" and eqn.params["length"] > 0:
+            return self._scan(eqn, vals, tags, scales)
         # Consumed by something with no rule: these leaves use explicit Jacobians.
         for i in chains:
             self.fallback.add(tags[i].chain[0])  # type: ignore[index]
@@ -249,6 +267,8 @@ class _Walk:
         self, eqn: Any, vals: list[Any], tags: list[Tag], scales: list[Any], b: int
     ) -> tuple[Any, Tag, Any] | None:
         other = eqn.invars[1 - b]
+        if isinstance(other, jcore.Literal) or self.steps > 1:
+            return None
         partner = self.use_out.get(other)
         if partner is None or self.reads.get(other) != 1:
             return None
@@ -268,6 +288,25 @@ class _Walk:
         elif idx in self.active:
             self.scales[idx] = scales[b]
         return out, DATA, None
+
+    def _shifted(
+        self, eqn: Any, vals: list[Any], tags: list[Tag], scales: list[Any], w: int
+    ) -> tuple[Any, Tag, Any] | None:
+        """``c ± L(leaf)`` with ``c`` a constant: the derivative is ``±L``'s.
+
+        Adding a constant changes the value a weight has, not its derivative,
+        so the sum is still a chain of the leaf (``1 + gain`` norm gains).
+        """
+        other = 1 - w
+        if tags[other].data or tags[w].spread is not None:
+            return None
+        (out,) = _bind(eqn, vals)
+        if tuple(jnp.shape(out)) != tuple(jnp.shape(vals[w])):
+            return None  # the constant broadcasts the chain: no longer a chain
+        leaf, ops = tags[w].chain  # type: ignore[misc]
+        if eqn.primitive.name == "sub" and w == 1:
+            return out, Tag(chain=(leaf, (*ops, ("neg",)))), _mul(scales[w], -1.0)
+        return out, Tag(chain=(leaf, ops)), scales[w]
 
     def _scaled(
         self, eqn: Any, vals: list[Any], tags: list[Tag], scales: list[Any], w: int
@@ -311,74 +350,97 @@ class _Walk:
                     out_shape=tuple(out.shape),
                     dtype=out.dtype,
                     bind=lambda *ops, _eqn=eqn: _bind(_eqn, ops)[0],
+                    steps=self.steps,
                 )
             )
         elif idx in self.active:
+            # Factors in the precision the op computes in: a float16 input to a
+            # float32 matmul (preferred_element_type) is multiplied in float32.
+            if jnp.issubdtype(act.dtype, jnp.floating) and (
+                jnp.finfo(act.dtype).bits < jnp.finfo(out.dtype).bits
+            ):
+                act = act.astype(out.dtype)
             self.acts[idx] = act
             self.scales[idx] = scales[w]
             out = out + self.probes[idx].astype(out.dtype)
         return out, DATA, None
 
-    def _unroll_scan(
+    def _scan(
         self, eqn: Any, vals: list[Any], tags: list[Tag], scales: list[Any]
     ) -> list[tuple[Any, Tag, Any]]:
         p = eqn.params
         nc, ncarry, _ = (len(group) for group in p["ft_in"].unpack())
-        closed = p["jaxpr"]
-        consts = list(zip(vals[:nc], tags[:nc], scales[:nc], strict=True))
-        carry = list(
-            zip(
-                vals[nc : nc + ncarry],
-                tags[nc : nc + ncarry],
-                scales[nc : nc + ncarry],
-                strict=True,
-            )
-        )
-        xs = list(
-            zip(
-                vals[nc + ncarry :],
-                tags[nc + ncarry :],
-                scales[nc + ncarry :],
-                strict=True,
-            )
-        )
+        length = p["length"]
+        body = p["jaxpr"]
         # Chain values that travel through the carry or the scanned axis are
         # sliced or updated: no rule, so their leaves use explicit Jacobians.
-        for _, t, _ in carry + xs:
+        for t in tags[nc:]:
             if t.chain is not None:
                 self.fallback.add(t.chain[0])
-        carry = [(v, _plain(t), None) for v, t, _ in carry]
-        steps = range(p["length"])
-        ys_steps: list[list[tuple[Any, Tag]]] = []
-        for i in reversed(steps) if p["reverse"] else steps:
-            xs_i = [(v[i], _plain(t), None) for v, t, _ in xs]
-            args = consts + carry + xs_i
-            outs, otags, _ = self.eval(
-                closed.jaxpr,
-                closed.consts,
-                [a[0] for a in args],
-                [a[1] for a in args],
-                [a[2] for a in args],
+        in_tags = [*tags[:nc], *(_plain(t) for t in tags[nc:])]
+        in_scales = [*scales[:nc], *([None] * (len(vals) - nc))]
+        data = any(t.data for t in tags)
+        start, k = self.counter, self.scans
+        self.scans += 1
+        if self.probes is None:  # analysis: walk one step, recording uses
+            step_vals = [*vals[: nc + ncarry], *(v[0] for v in vals[nc + ncarry :])]
+            outer, self.steps = self.steps, self.steps * length
+            _, otags, _ = self.eval(
+                body.jaxpr, body.consts, step_vals, in_tags, in_scales
             )
+            self.steps = outer
+            self.spans[k] = (self.counter, self.scans)
             for t in otags:
                 if t.chain is not None:
                     self.fallback.add(t.chain[0])
-            carry = [
-                (o, _plain(t), None)
-                for o, t in zip(outs[:ncarry], otags[:ncarry], strict=True)
-            ]
-            ys_steps.append(list(zip(outs[ncarry:], otags[ncarry:], strict=True)))
-        if p["reverse"]:
-            ys_steps.reverse()
-        nys = len(eqn.outvars) - ncarry
-        ys = []
-        for k in range(nys):
-            parts = [step[k][0] for step in ys_steps]
-            data = any(step[k][1].data for step in ys_steps)
-            aval = eqn.outvars[ncarry + k].aval
-            stacked = jnp.stack(parts) if parts else jnp.zeros(aval.shape, aval.dtype)
-            ys.append((stacked, DATA if data else CONST, None))
-        return carry + ys
+            data = data or any(t.data for t in otags)
+            return [(o, DATA if data else CONST, None) for o in _bind(eqn, vals)]
+        end, end_scans = self.spans[k]
+        inner = [i for i in sorted(self.active) if start <= i < end]
+
+        def per_step(v: jax.Array, steps: int) -> jax.Array:
+            # [steps, ...] -> [length, steps // length, ...] (squeezed when 1)
+            inner_steps = steps // length
+            rest = v.shape[1:]
+            return v.reshape(
+                length, *((inner_steps,) if inner_steps > 1 else ()), *rest
+            )
+
+        # Steps left to this scan and those nested in it (outer scans sliced theirs).
+        left = {i: self.steps_of[i] // self.steps for i in inner}
+        probes = [per_step(self.probes[i], left[i]) for i in inner]
+
+        def step(carry: list[Any], xs: tuple[list[Any], list[Any]]) -> Any:
+            xs_vals, step_probes = xs
+            outer_probes = self.probes
+            self.probes = {**outer_probes, **dict(zip(inner, step_probes, strict=True))}
+            self.counter, self.scans = start, k + 1
+            args = [*vals[:nc], *carry, *xs_vals]
+            outer, self.steps = self.steps, self.steps * length
+            outs, _, _ = self.eval(body.jaxpr, body.consts, args, in_tags, in_scales)
+            self.steps = outer
+            self.probes = outer_probes
+            acts = [self.acts.pop(i) for i in inner]
+            scs = [self.scales.pop(i, None) for i in inner]
+            scs = [None if sc is None else jnp.asarray(sc) for sc in scs]
+            return list(outs[:ncarry]), (list(outs[ncarry:]), acts, scs)
+
+        carry, (ys, acts, scs) = jax.lax.scan(
+            step,
+            list(vals[nc : nc + ncarry]),
+            (list(vals[nc + ncarry :]), probes),
+            length=length,
+            reverse=p["reverse"],
+            unroll=p["unroll"],
+        )
+        self.counter, self.scans = end, end_scans
+        for i, a, sc in zip(inner, acts, scs, strict=True):
+            if left[i] > length:  # nested: [length, inner steps, ...]
+                a = a.reshape(left[i], *a.shape[2:])
+            self.acts[i] = a
+            self.scales[i] = None if sc is None else sc[0]
+        kind = DATA if data else CONST
+        return [(o, kind, None) for o in (*carry, *ys)]
 
 
 def _is_unit_broadcast(eqn: Any) -> bool:
@@ -441,6 +503,7 @@ class Analysis:
     biases: tuple[Bias, ...]
     fallback: frozenset[int]
     n_leaves: int
+    spans: tuple[tuple[int, tuple[int, int]], ...] = ()  # see ``_Walk.spans``
 
 
 def analyse(
@@ -468,6 +531,7 @@ def analyse(
         tuple(walk.biases),
         frozenset(walk.fallback),
         len(leaves),
+        tuple(sorted(walk.spans.items())),
     )
 
 
@@ -484,7 +548,12 @@ def run(
         ``(output, activations, scales)``; the last two are keyed by use index.
         A scale of ``None`` means 1.
     """
-    walk = _Walk(probes=probes, active=active)
+    walk = _Walk(
+        probes=probes,
+        active=active,
+        spans=dict(analysis.spans),
+        steps_of={u.index: u.steps for u in analysis.uses},
+    )
     n = len(leaves)
     tags = [Tag(chain=(k, ())) for k in range(n)] + [DATA]
     outs, _, _ = walk.eval(
@@ -498,4 +567,4 @@ def run(
     return out, walk.acts, walk.scales
 
 
-__all__ = ["MAX_UNROLL", "Analysis", "Bias", "Use", "analyse", "run"]
+__all__ = ["Analysis", "Bias", "Use", "analyse", "run"]
