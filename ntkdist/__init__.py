@@ -4,8 +4,7 @@ Public names live here; code lives in underscored modules.
 """
 
 from . import kernels as kernels, regression as regression
-from ._api import ntk as ntk
-from ._compute import compute as compute, open as open, plan as plan
+from ._api import compute as compute, ntk as ntk, open as open, plan as plan
 from ._errors import (
     ExecutionError as ExecutionError,
     InputError as InputError,
@@ -19,6 +18,7 @@ from ._errors import (
 from ._model import Model as Model
 from ._ntk_fn import ntk_fn as ntk_fn
 from ._planner import Plan as Plan
+from ._version import __version__ as __version__
 from .regression import (
     FingerprintMismatchError as FingerprintMismatchError,
     GpPrediction as GpPrediction,
@@ -35,5 +35,3 @@ from .regression import (
     spectrum as spectrum,
 )
 from .storage import KernelStore as KernelStore
-
-__version__ = "0.1.0"

@@ -1,17 +1,43 @@
-"""The in-memory entry point, ``ntk``."""
+"""The entry points: ``ntk`` in memory; ``plan``, ``compute``, ``open``, ``repair``.
+
+Signatures and docstrings live here; the work is in :mod:`ntkdist._job`
+(validation, fingerprint), :mod:`ntkdist._planning` (the plan) and
+:mod:`ntkdist._run` (the store and the tile loop).
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import os
+import sys
+from typing import Any, TextIO
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from . import _inputs
+from ._job import prepare
 from ._model import ApplyFn, Model, as_model
-from ._precision import DEFAULT as DEFAULT_PRECISION, applies_precision
+from ._planner import Plan, Tile
+from ._planning import plan_job, plan_to_run
+from ._precision import (
+    DEFAULT as DEFAULT_PRECISION,
+    applies_precision,
+    matmul_precision,
+)
+from ._run import (
+    create_or_resume,
+    locked,
+    make_executor,
+    run_tiles,
+    stored_spec,
+    tile_spec,
+)
+from ._units import parse_bytes
+from .executors import AbstractExecutor, read_block
+from .executors._dask import default_workers
 from .kernels import AbstractKernelStrategy, compute_tile
+from .storage import KernelStore, check_same_job, model_digest, params_digest
 
 
 @applies_precision
@@ -23,7 +49,7 @@ def ntk(
     *,
     output: str = "full",
     strategy: str | AbstractKernelStrategy = "auto",
-    memory_budget: float | None = None,
+    memory_budget: float | str | None = None,
     check_finite: bool = True,
     check_independence: bool = True,
     integer_inputs: bool = False,
@@ -55,7 +81,8 @@ def ntk(
             ``"ntvp"`` (NTK-vector products), ``"structured"`` (structured
             derivatives), ``"auto"`` (fewest predicted FLOPs that fit
             ``memory_budget``), or an ``AbstractKernelStrategy``.
-        memory_budget: bytes ``auto`` may use; ``None`` means no limit.
+        memory_budget: bytes ``auto`` may use (``"2GiB"`` or a number);
+            ``None`` means no limit.
         check_finite: refuse NaN/inf in params or inputs (an error, not a warning).
         check_independence: refuse models whose outputs couple samples.
         integer_inputs: allow integer inputs (token or class ids).
@@ -83,6 +110,7 @@ def ntk(
     """
     _inputs.check_output(output)
     _inputs.check_strategy(strategy)
+    budget = parse_bytes(memory_budget)
     _inputs.check_params(params, check_finite=check_finite)
     x1 = _inputs.as_inputs(
         x1, "x1", integer_inputs=integer_inputs, check_finite=check_finite
@@ -96,6 +124,283 @@ def ntk(
     _inputs.check_model(model, params, x1, independence=check_independence)
     x1 = jnp.asarray(x1)
     x2 = None if x2 is None else jnp.asarray(x2)
-    result = compute_tile(strategy, model, params, x1, x2, output, memory_budget)
+    result = compute_tile(strategy, model, params, x1, x2, output, budget)
     dtype = jnp.result_type(*jax.tree_util.tree_leaves(params), x1)
     return np.asarray(result.astype(dtype))
+
+
+@applies_precision
+def plan(
+    apply_fn: ApplyFn | Model,
+    params: Any,
+    x1: Any,
+    x2: Any | None = None,
+    *,
+    output: str = "full",
+    strategy: str | AbstractKernelStrategy = "auto",
+    tile: int | None = None,
+    memory_budget: Any = None,
+    workers: int | None = None,
+    probe: bool = True,
+    cache: str = "auto",
+    precision: str = DEFAULT_PRECISION,
+) -> Plan:
+    """The plan ``compute`` would follow, without computing or storing anything.
+
+    Args:
+        apply_fn: the model, as for :func:`ntkdist.ntk`.
+        params: its parameters.
+        x1: inputs ``[N1, ...]`` (numpy, zarr or dask).
+        x2: inputs ``[N2, ...]``, or ``None`` for the symmetric ``x2 = x1``.
+        output: the output form (see :func:`ntkdist.ntk`).
+        strategy: a strategy name, ``"auto"`` or an instance.
+        tile: tile side in samples; ``None`` sizes it from ``memory_budget``.
+        memory_budget: bytes per worker (``"2GiB"`` or a number).
+        workers: workers the figures assume (default: CPU count).
+        probe: time one small tile here to predict the wall time.
+        cache: where factors are kept between tiles (``"auto"``, ``"none"``,
+            ``"memory"``, ``"store"``; see :func:`compute`).
+        precision: float32 matmul precision (see :func:`ntkdist.ntk`).
+
+    Returns:
+        The :class:`Plan`; ``print`` it for the figures, and pass it to
+        :func:`compute` as ``plan=`` to run exactly it.
+
+    Example:
+        >>> import jax.numpy as jnp, numpy as np, ntkdist
+        >>> f = lambda p, x: jnp.tanh(x @ p["w"])
+        >>> p = ntkdist.plan(f, {"w": np.ones((3, 2))}, np.ones((10, 3)), tile=4,
+        ...                  output="trace", probe=False)
+        >>> p.n_tiles
+        6
+    """
+    job = prepare(apply_fn, params, x1, x2, output=output, strategy=strategy)
+    return plan_job(
+        job,
+        tile=tile,
+        memory_budget=memory_budget,
+        workers=workers or default_workers(),
+        probe=probe,
+        cache=cache,
+    )[1]
+
+
+@applies_precision
+def compute(
+    apply_fn: ApplyFn | Model,
+    params: Any,
+    x1: Any,
+    x2: Any | None = None,
+    *,
+    store: str | os.PathLike[str],
+    output: str = "full",
+    strategy: str | AbstractKernelStrategy = "auto",
+    tile: int | None = None,
+    memory_budget: Any = None,
+    cache: str = "auto",
+    plan: Plan | None = None,
+    client: Any = None,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    executor: str | AbstractExecutor | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    model_spec: str | None = None,
+    window: int | None = None,
+    retries: int = 3,
+    resources: dict[str, float] | None = None,
+    stream: TextIO | None = None,
+    check_finite: bool = True,
+    check_independence: bool = True,
+    integer_inputs: bool = False,
+    precision: str = DEFAULT_PRECISION,
+) -> KernelStore:
+    """Compute the empirical NTK tile by tile into a Zarr store; resumable.
+
+    Same values, shapes and conventions as :func:`ntkdist.ntk` (see its
+    docstring for the four output forms). Each tile is one Zarr chunk along
+    both sample axes; a symmetric job (``x2=None``) computes tiles ``i <= j``
+    and writes each mirror. Running the same call again computes only the
+    tiles without a completion marker.
+
+    Args:
+        apply_fn: ``apply_fn(params, x) -> [n, O]``.
+        params: a pytree of floating-point arrays.
+        x1: inputs ``[N1, ...]``: numpy, jax, dask, or a zarr array (read tile
+            by tile by the workers, never loaded whole).
+        x2: inputs ``[N2, ...]``, or ``None`` for ``x2 = x1``.
+        store: path (or fsspec URL) of the Zarr store to create or resume.
+        output: ``"full"``, ``"trace"``, ``"diagonal"`` or ``"pntk"``.
+        strategy: ``"jacobian"``, ``"ntvp"``, ``"structured"``, ``"auto"`` or an
+            instance.
+        tile: tile side in samples; ``None`` sizes it from ``memory_budget``.
+        memory_budget: peak bytes per worker (``"2GiB"`` or a number).
+        cache: where each input block's factors are kept between tiles, so
+            that a kernel costs one factor pass per block rather than two
+            per tile: ``"memory"`` (each worker's cache), ``"store"`` (also
+            a Zarr factor store inside the kernel store, shared by workers
+            and kept across interruptions), ``"none"`` (recompute), or
+            ``"auto"`` (the plan's predicted fastest). Values do not depend
+            on it.
+        plan: a plan from :func:`plan` for these arguments, run as it is
+            (its tiles, cache level and strategy); ``None`` plans here as
+            :func:`plan` does (a resumed store keeps its tiles).
+        client: a ``distributed.Client`` to run on.
+        scheduler: a scheduler address to connect to (instead of ``client``).
+        workers: worker processes of the embedded ``LocalCluster`` (used when
+            neither ``client`` nor ``scheduler`` is given; default CPU count).
+        executor: ``"serial"`` (in this process), ``"dask"`` (default), or an
+            executor instance.
+        overwrite: discard an existing store of a different job and start over.
+        progress: print the dashboard address and a progress bar to ``stream``.
+        model_spec: the ``file.py:factory`` spec recorded for ``verify --repair``.
+        window: tile futures in flight (default two per worker thread).
+        retries: retries of a failed tile task.
+        resources: Dask resources each tile task needs, e.g. ``{"GPU": 1}``
+            on a cluster whose workers declare one GPU each.
+        stream: where progress goes (default stderr).
+        check_finite: refuse NaN/inf in params or inputs.
+        check_independence: refuse models whose outputs couple samples.
+        integer_inputs: allow integer inputs (token or class ids).
+        precision: float32 matmul precision (see :func:`ntkdist.ntk`); part
+            of the fingerprint.
+
+    Returns:
+        The finished store, opened read-only (``.kernel`` is the zarr array).
+
+    Raises:
+        InputError: a malformed argument, or a ``plan`` made for another job
+            (nothing is written).
+        PlanError: the memory budget cannot hold one tile.
+        ResumeMismatchError: the store holds a different job (names the fields).
+        StoreLockedError: another live job is writing the store.
+        StoreError: the path is read-only or holds something else.
+        ExecutionError: tiles failed; finished ones stay recorded, rerun resumes.
+
+    Example:
+        >>> import jax.numpy as jnp, numpy as np, ntkdist, tempfile, os
+        >>> f = lambda p, x: jnp.tanh(x @ p["w"])
+        >>> path = os.path.join(tempfile.mkdtemp(), "k.zarr")
+        >>> s = ntkdist.compute(f, {"w": np.ones((3, 2))}, np.ones((5, 3)), store=path,
+        ...                     output="trace", tile=2, executor="serial",
+        ...                     progress=False)
+        >>> s.complete, s.kernel.shape
+        (True, (5, 5))
+    """
+    path = os.fspath(store)
+    out = stream or sys.stderr
+    job = prepare(
+        apply_fn,
+        params,
+        x1,
+        x2,
+        output=output,
+        strategy=strategy,
+        check_finite=check_finite,
+        check_independence=check_independence,
+        integer_inputs=integer_inputs,
+    )
+    runner = make_executor(
+        executor,
+        client=client,
+        scheduler=scheduler,
+        workers=workers,
+        x64=job.dtype == "float64",
+        window=window,
+        retries=retries,
+        resources=resources,
+        stream=out,
+        verbose=progress,
+    )
+    job, the_plan = plan_to_run(
+        job,
+        tile=tile,
+        memory_budget=memory_budget,
+        workers=runner.n_workers,
+        cache=cache,
+        stored=None if overwrite else stored_spec(path),
+        given=plan,
+    )
+    with locked(path):
+        kstore = create_or_resume(
+            path, job, the_plan, overwrite=overwrite, model_spec=model_spec
+        )
+        run_tiles(
+            kstore,
+            job.model,
+            job.params,
+            kstore.todo(),
+            runner,
+            progress=progress,
+            out=out,
+            strategy=job.strategy,
+            cache=(the_plan.cache, the_plan.cache_bytes),
+        )
+    return KernelStore.open(path)
+
+
+def open(store: str | os.PathLike[str]) -> KernelStore:
+    """Open a finished or partial kernel store read-only.
+
+    Returns:
+        A :class:`KernelStore` with ``.kernel`` (zarr, NaN where not yet
+        written), ``.to_dask()``, ``.progress()``, ``.complete``, ``.output``,
+        ``.out_dim``, ``.n1``, ``.n2``, ``.symmetric``, ``.fields``,
+        ``.fingerprint``, ``.attrs`` (the JSON job spec) and ``.spec`` (the
+        same, typed: :class:`ntkdist.storage.StoreSpec`).
+
+    Raises:
+        StoreError: nothing, or not a kernel store, is at ``store``.
+    """
+    return KernelStore.open(os.fspath(store), mode="r")
+
+
+def repair(
+    store: str | os.PathLike[str],
+    apply_fn: ApplyFn | Model,
+    params: Any,
+    *,
+    client: Any = None,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    executor: str | AbstractExecutor | None = None,
+    progress: bool = True,
+    stream: TextIO | None = None,
+) -> tuple[list[Tile], list[Tile]]:
+    """Recompute exactly the tiles of a store that are missing or corrupt.
+
+    Returns:
+        ``(holes, corrupt)`` as found before repairing.
+
+    Raises:
+        ResumeMismatchError: the model or params are not the store's.
+    """
+    path = os.fspath(store)
+    out = stream or sys.stderr
+    with locked(path):
+        kstore = KernelStore.open(path, mode="r+")
+        holes, corrupt = kstore.check_tiles()
+        if holes or corrupt:
+            model = as_model(apply_fn)
+            spec = tile_spec(kstore)
+            probe = read_block(spec.x1, (0, 1), 1)
+            with matmul_precision(spec.precision):
+                new = {
+                    "model": model_digest(model, params, probe),
+                    "params": params_digest(params),
+                }
+            check_same_job({k: kstore.fields[k] for k in new}, new, path)
+            kstore.clear_tiles(corrupt)
+            runner = make_executor(
+                executor,
+                client=client,
+                scheduler=scheduler,
+                workers=workers,
+                x64=kstore.plan.dtype == "float64",
+                stream=out,
+                verbose=progress,
+            )
+            redo = set(holes) | set(corrupt)
+            todo = [t for t in kstore.plan.tiles() if t in redo]
+            run_tiles(kstore, model, params, todo, runner, progress=progress, out=out)
+        return holes, corrupt

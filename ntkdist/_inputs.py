@@ -10,12 +10,13 @@ import numpy as np
 
 from ._errors import InputError, ModelError
 from ._model import Model
+from ._outputs import OUTPUTS
 from ._precision import independence_tolerance
-from .kernels import OUTPUTS, STRATEGIES, AbstractKernelStrategy
+from .kernels import STRATEGIES, AbstractKernelStrategy
 
 
 def check_output(output: str) -> str:
-    """``output`` must be one of :data:`ntkdist.kernels.OUTPUTS`."""
+    """``output`` must be one of :data:`ntkdist._outputs.OUTPUTS`."""
     if output not in OUTPUTS:
         raise InputError(
             f"output={output!r} is not known; expected one of {list(OUTPUTS)} "

@@ -12,6 +12,8 @@ import ipaddress
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ._errors import InputError
+
 if TYPE_CHECKING:
     import os
     from collections.abc import Sequence
@@ -172,7 +174,7 @@ def tls_env(directory: str | os.PathLike[str], role: str = "client") -> dict[str
         ``DASK_DISTRIBUTED__COMM__...`` variables as strings.
 
     Raises:
-        ValueError: ``role`` is not one of :data:`ROLES`.
+        InputError: ``role`` is not one of :data:`ROLES` (a ``ValueError``).
 
     Example:
         >>> env = tls_env("/etc/dask/tls")
@@ -180,7 +182,7 @@ def tls_env(directory: str | os.PathLike[str], role: str = "client") -> dict[str
         '/etc/dask/tls/client.pem'
     """
     if role not in ROLES:
-        raise ValueError(f"role={role!r} is not one of {ROLES}.")
+        raise InputError(f"role={role!r} is not one of {ROLES}.")
     base = Path(directory)
     prefix = f"DASK_DISTRIBUTED__COMM__TLS__{role.upper()}__"
     return {

@@ -8,7 +8,7 @@ import os
 import pytest
 
 from ntkdist import bench
-from ntkdist._bench_kernel import supports_cache
+from ntkdist._bench._kernel import supports_cache
 from ntkdist.kernels import STRATEGIES
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import ntkdist
-from ntkdist._cli_consume import main, register
+from ntkdist._cli._consume import main, register
 from ntkdist.regression import kernel_ridge, spectrum
 
 

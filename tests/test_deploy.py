@@ -728,3 +728,13 @@ def test_opening_a_store_never_unpickles(tmp_path, monkeypatch):
     np.testing.assert_allclose(
         np.asarray(store.kernel[...]), ntkdist.ntk(_mlp, params, x), rtol=1e-12
     )
+
+
+def test_one_worker_set_up_for_launchers_and_the_engine():
+    """The engine's plugin and the launchers' are one class, pinning one way."""
+    from ntkdist.executors import JaxDevicePlugin, JaxWorkerPlugin
+
+    assert nc.JaxDevicePlugin is JaxDevicePlugin
+    engine = JaxWorkerPlugin(x64=True)
+    assert isinstance(engine, JaxDevicePlugin) and engine.x64 is True
+    assert engine.name != nc.JaxDevicePlugin(gpu=True).name  # both may be registered

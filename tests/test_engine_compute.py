@@ -284,3 +284,59 @@ def test_embedded_workers_use_huge_pages_for_malloc(monkeypatch):
     with DaskExecutor(n_workers=1, verbose=False) as ex:
         seen = ex.client.run(lambda: os.environ.get("GLIBC_TUNABLES"))
     assert list(seen.values()) == ["glibc.malloc.hugetlb=1"]
+
+
+def test_compute_runs_the_plan_it_is_given(tmp_path, data):
+    """What ``ntkdist.plan`` returns is what ``compute(plan=...)`` executes."""
+    p, x1, _ = data
+    planned = ntkdist.plan(mlp, p, x1, output="trace", tile=3, workers=1, probe=False)
+    s = ntkdist.compute(
+        mlp,
+        p,
+        x1,
+        store=tmp_path / "k.zarr",
+        output="trace",
+        plan=planned,
+        executor="serial",
+        progress=False,
+    )
+    assert s.plan == planned
+    assert s.spec.strategy == planned.strategy and s.complete
+    ref = ntkdist.ntk(mlp, p, x1, output="trace")
+    np.testing.assert_allclose(s.kernel[...], ref, rtol=1e-10, atol=1e-13)
+
+
+def test_compute_without_a_plan_plans_as_plan_does(tmp_path, data):
+    p, x1, _ = data
+    planned = ntkdist.plan(
+        mlp, p, x1, output="full", memory_budget="1GiB", workers=1, probe=False
+    )
+    s = ntkdist.compute(
+        mlp,
+        p,
+        x1,
+        store=tmp_path / "k.zarr",
+        output="full",
+        memory_budget="1GiB",
+        executor="serial",
+        progress=False,
+    )
+    assert s.plan == planned
+
+
+def test_a_plan_for_another_job_is_refused(tmp_path, data):
+    p, x1, x2 = data
+    planned = ntkdist.plan(mlp, p, x1, output="trace", tile=3, probe=False)
+    with pytest.raises(InputError, match="n2 is 11 in the plan but 7 here"):
+        ntkdist.compute(
+            mlp,
+            p,
+            x1,
+            x2,
+            store=tmp_path / "k.zarr",
+            output="trace",
+            plan=planned,
+            executor="serial",
+            progress=False,
+        )
+    assert not (tmp_path / "k.zarr").exists()

@@ -14,9 +14,11 @@ from distributed import Client
 
 import ntkdist
 import ntkdist.testing
-from ntkdist._compute import plan_job, prepare, repair, with_strategy
+from ntkdist._api import repair
+from ntkdist._job import prepare, with_strategy
 from ntkdist._planner import CostModel, make_plan
 from ntkdist._planner._plan import DEFAULT_FLOP_RATE, READ_RATE
+from ntkdist._planning import plan_job
 from ntkdist.executors import JaxWorkerPlugin
 from ntkdist.executors._factors import CACHE
 from ntkdist.kernels import STRATEGIES, get

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import pathlib
 
 import numpy as np
 import pytest
@@ -12,27 +10,8 @@ from hypothesis import given, settings, strategies as st
 
 from ntkdist import PlanError
 from ntkdist._planner import CostModel, Plan, largest_tile_within, make_plan, tiles
-from ntkdist._planner._budget import WORKER_BASELINE_BYTES, format_bytes, parse_bytes
-
-PLANNER = pathlib.Path(__file__).parents[1] / "ntkdist" / "_planner"
-
-
-def test_planner_imports_no_jax_dask_or_zarr():
-    for path in PLANNER.glob("*.py"):
-        tree = ast.parse(path.read_text())
-        for node in ast.walk(tree):
-            names = []
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.level == 0:
-                names = [node.module or ""]
-            for name in names:
-                assert name.split(".")[0] not in {
-                    "jax",
-                    "dask",
-                    "distributed",
-                    "zarr",
-                }, f"{path.name} imports {name}"
+from ntkdist._planner._budget import WORKER_BASELINE_BYTES
+from ntkdist._units import format_bytes
 
 
 @settings(max_examples=60, deadline=None)
@@ -196,21 +175,3 @@ def test_default_tile_gives_each_worker_tiles():
     )
     assert p.n_tiles >= 8
     assert p.tile <= 1024
-
-
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        ("2GiB", 2 * 2**30),  # binary units
-        ("4GB", 4e9),  # decimal units
-        ("512 MiB", 512 * 2**20),  # a space is allowed
-        (1000, 1000.0),  # numbers pass through
-    ],
-)
-def test_parse_bytes(text, expected):
-    assert parse_bytes(text) == expected
-
-
-def test_parse_bytes_rejects_nonsense():
-    with pytest.raises(PlanError, match="not a size"):
-        parse_bytes("lots")

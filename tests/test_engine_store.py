@@ -136,7 +136,7 @@ def test_direct_chunk_writes_are_zarrs_bytes(
     tmp_path, monkeypatch, output, symmetric, n1, n2, tile, out_dim
 ):
     """Chunk files written directly hold exactly what zarr writes, same checksums."""
-    from ntkdist.storage import _zarr
+    from ntkdist.storage import _direct
 
     plan = _plan(output, symmetric, n1, n2, tile, out_dim)
     stores, sums = [], []
@@ -144,8 +144,8 @@ def test_direct_chunk_writes_are_zarrs_bytes(
         # Direct writes for every chunk, through pieces of one aligned block,
         # so that ragged bands, several pieces per chunk and an unaligned
         # tail all occur at these small sizes.
-        monkeypatch.setattr(_zarr, "DIRECT_MIN_BYTES", 0 if direct else 1 << 62)
-        monkeypatch.setattr(_zarr, "_PIECE", 4096)
+        monkeypatch.setattr(_direct, "DIRECT_MIN_BYTES", 0 if direct else 1 << 62)
+        monkeypatch.setattr(_direct, "_PIECE", 4096)
         s = KernelStore.create(
             str(tmp_path / f"{direct}.zarr"), plan=plan, spec=_spec()
         )
@@ -153,7 +153,7 @@ def test_direct_chunk_writes_are_zarrs_bytes(
             store=s.path, path="kernel", mode="r+", config={"write_empty_chunks": True}
         )
         assert (
-            _zarr._chunk_path(kernel, 0, 0, np.empty(kernel.chunks)) is not None
+            _direct.chunk_path(kernel, 0, 0, np.empty(kernel.chunks)) is not None
         ) == direct
         rng = np.random.default_rng(0)
         got = []
@@ -259,3 +259,49 @@ def test_lock_heartbeat_advances(tmp_path):
         time.sleep(0.3)
         with open(lock.path) as f:
             assert json.load(f)["heartbeat"] > first
+
+
+# -- the job spec ------------------------------------------------------------------
+
+
+def test_store_spec_round_trips_and_keeps_unknown_keys():
+    from ntkdist.storage import InputRecord, StoreSpec
+
+    spec = StoreSpec(
+        plan=_plan(),
+        fields={"model": "m"},
+        fingerprint="f",
+        inputs={"x1": InputRecord("", "inputs/x1", (5, 3), "float64"), "x2": None},
+        extra={"written_by_a_later_version": [1, 2]},
+    )
+    data = json.loads(json.dumps(spec.to_json()))
+    assert StoreSpec.from_json(data) == spec
+    assert data["written_by_a_later_version"] == [1, 2]
+    assert data["tile"] == [2, 2] and data["output"] == "full"
+
+
+def test_a_store_written_before_later_keys_opens_and_resumes(tmp_path):
+    """Stores whose job spec lacks keys added since (``precision``) still open,
+    read as what the missing key meant, and resume."""
+    import ntkdist
+
+    from .engine import make_params, mlp
+
+    p, x = make_params(), np.random.default_rng(0).normal(size=(9, 4))
+    path = tmp_path / "k.zarr"
+    kw = {"output": "trace", "tile": 4, "executor": "serial", "progress": False}
+    s = ntkdist.compute(mlp, p, x, store=path, precision="default", **kw)
+    done = s.kernel[...]
+    writable = KernelStore.open(path, mode="r+")
+    writable.clear_tiles(writable.plan.tiles()[1:3])
+    group = zarr.open_group(str(path), mode="r+")
+    old = dict(group.attrs["ntkdist"])
+    for key in ("precision", "model_name", "versions", "created", "conventions"):
+        del old[key]
+    group.attrs["ntkdist"] = old
+    reopened = ntkdist.open(path)
+    assert reopened.spec.precision == "default" and "precision" not in reopened.attrs
+    assert reopened.progress() == (reopened.plan.n_tiles - 2, reopened.plan.n_tiles)
+    s = ntkdist.compute(mlp, p, x, store=path, precision="default", **kw)
+    assert s.complete
+    np.testing.assert_array_equal(s.kernel[...], done)

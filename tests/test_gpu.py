@@ -14,7 +14,8 @@ from distributed import Client
 
 import ntkdist
 from ntkdist.cluster import local_devices
-from ntkdist.executors._dask import default_workers, gpu_cluster, local_gpus
+from ntkdist.executors._dask import default_workers, gpu_cluster
+from ntkdist.executors._workers import local_gpus
 
 pytestmark = pytest.mark.gpu
 

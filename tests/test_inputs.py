@@ -77,6 +77,14 @@ X = np.linspace(-1, 1, 15).reshape(5, 3)
         ),
         # a memory budget too small for auto
         ({"memory_budget": 10}, PlanError, r"cannot hold one 5×5 tile.*needs"),
+        # ... or given as a string that is not a size
+        (
+            {"memory_budget": "lots"},
+            InputError,
+            r"memory_budget='lots' is not a size; expected .*'2GiB'",
+        ),
+        # ... too small, as a string
+        ({"memory_budget": "10B"}, PlanError, r"cannot hold one 5×5 tile.*needs"),
     ],
 )
 def test_bad_input_is_refused(kwargs, error, match):
@@ -89,6 +97,12 @@ def test_bad_input_is_refused(kwargs, error, match):
             args.pop("x2"),
             **args,
         )
+
+
+def test_ntk_takes_a_memory_budget_as_a_string():
+    as_string = ntkdist.ntk(f, P, X, output="trace", memory_budget="2GiB")
+    as_number = ntkdist.ntk(f, P, X, output="trace", memory_budget=2 * 2**30)
+    np.testing.assert_array_equal(as_string, as_number)
 
 
 def test_errors_are_value_errors_for_callers_that_do_not_know_ntkdist():

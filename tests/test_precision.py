@@ -15,8 +15,8 @@ import ntkdist
 from ntkdist import InputError, ResumeMismatchError
 from ntkdist._model import as_model
 from ntkdist._precision import independence_tolerance, matmul_precision
-from ntkdist.executors._factors import contract_fn, factors_fn
 from ntkdist.kernels import get
+from ntkdist.kernels._jit import contract_fn, factors_fn
 
 from .zoo import ZOO
 

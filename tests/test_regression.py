@@ -405,7 +405,7 @@ def test_estimator_is_sklearn_compatible():
 
 
 def test_blocked_cholesky_matches_lapack():
-    from ntkdist._linalg import cho_solve, cholesky
+    from ntkdist.regression._linalg import cho_solve, cholesky
 
     r = np.random.default_rng(8)
     f = r.standard_normal((130, 150))

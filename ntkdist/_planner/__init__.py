@@ -6,5 +6,5 @@ from ._budget import (
     largest_tile_within as largest_tile_within,
     parse_bytes as parse_bytes,
 )
-from ._plan import Plan as Plan, make_plan as make_plan
+from ._plan import CACHE_LEVELS as CACHE_LEVELS, Plan as Plan, make_plan as make_plan
 from ._tiling import Tile as Tile, n_blocks as n_blocks, tiles as tiles

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import re
 
 from .._errors import PlanError
+from .._units import format_bytes as format_bytes, parse_bytes as parse_bytes
 
 # Resident memory of a Dask worker process with JAX imported and one tile
 # function compiled (measured on CPU with ``python -m ntkdist._engine_bench
@@ -17,57 +17,6 @@ XLA_OVERHEAD = 2.0
 # Copies of an output tile alive at once in a task: the result, its cast,
 # the transposed mirror and zarr's encoded chunk.
 OUTPUT_COPIES = 4
-
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "k": 10**3,
-    "kb": 10**3,
-    "m": 10**6,
-    "mb": 10**6,
-    "g": 10**9,
-    "gb": 10**9,
-    "t": 10**12,
-    "tb": 10**12,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
-}
-
-
-def parse_bytes(value: str | float | None) -> float | None:
-    """``"2GiB"`` -> ``2147483648``; numbers pass through; ``None`` stays ``None``.
-
-    Example:
-        >>> parse_bytes("1.5 KiB")
-        1536.0
-    """
-    if value is None or isinstance(value, int | float):
-        return None if value is None else float(value)
-    m = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
-    if m is None or m.group(2).lower() not in _UNITS:
-        raise PlanError(
-            f"memory_budget={value!r} is not a size; expected a number of bytes or "
-            "a string such as '512MiB', '2GiB' or '4GB'."
-        )
-    return float(m.group(1)) * _UNITS[m.group(2).lower()]
-
-
-def format_bytes(n: float) -> str:
-    """``1536`` -> ``"1.5 KiB"``.
-
-    Example:
-        >>> format_bytes(3 * 2**30)
-        '3.0 GiB'
-    """
-    if abs(n) < 1024:
-        return f"{int(n)} B"
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        n /= 1024
-        if abs(n) < 1024 or unit == "TiB":
-            break
-    return f"{n:.1f} {unit}"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,7 +7,7 @@ import json
 import math
 from typing import Any
 
-from .._errors import PlanError
+from .._errors import InputError, PlanError
 from ._budget import CostModel, format_bytes, largest_tile_within
 from ._tiling import Tile, n_blocks, tiles
 
@@ -144,6 +144,12 @@ class Plan:
             + self.factor_flops / factor_rate
         ) / parallel
         return compute + self.read_bytes / READ_RATE + self.bytes_on_disk / WRITE_RATE
+
+    @property
+    def nominal_seconds(self) -> float:
+        """Predicted time at the nominal FLOP and read rates, to compare plans
+        of one job (``strategy="auto"`` picks the smallest)."""
+        return self.total_flops / DEFAULT_FLOP_RATE + self.read_bytes / READ_RATE
 
     def tiles(self) -> tuple[Tile, ...]:
         """The tiles, row-major (upper triangle with mirrors when symmetric)."""
@@ -282,7 +288,7 @@ def make_plan(
     n_max = max(n1, n2)
     if tile is not None:
         if tile < 1:
-            raise PlanError(f"tile={tile}; expected a positive number of samples.")
+            raise InputError(f"tile={tile}; expected a positive number of samples.")
         t = min(tile, n_max)
         if memory_budget is not None:
             fits = largest_tile_within(memory_budget, cost, n_max, what=what)
@@ -336,7 +342,7 @@ def make_plan(
     elif cache in CACHE_LEVELS:
         level = cache
     else:
-        raise PlanError(f"cache={cache!r}; expected 'auto' or one of {CACHE_LEVELS}.")
+        raise InputError(f"cache={cache!r}; expected 'auto' or one of {CACHE_LEVELS}.")
     flops, read = figures[level]
     held = (
         0.0

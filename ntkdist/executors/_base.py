@@ -8,7 +8,7 @@ from typing import Any
 
 from .._model import Model
 from .._planner import Tile
-from ._task import TileSpec
+from ._spec import TileSpec
 
 OnDone = Callable[[Tile, tuple[int, int]], None]
 

@@ -1,4 +1,4 @@
-"""DaskExecutor: tile tasks on a Dask cluster, and the JaxWorkerPlugin."""
+"""DaskExecutor: tile tasks on a Dask cluster (worker set-up: ``_workers``)."""
 
 from __future__ import annotations
 
@@ -20,14 +20,14 @@ from distributed import (
 )
 from distributed.client import FutureCancelledError
 from distributed.comm.core import CommClosedError
-from distributed.diagnostics.plugin import WorkerPlugin
 from distributed.scheduler import KilledWorker
 
-from .._hugepages import huge_pages_env
 from .._model import Model
 from .._planner import Tile
 from ._base import AbstractExecutor, OnDone
-from ._task import ByValue, TileSpec, run_tile
+from ._spec import TileSpec
+from ._task import ByValue, run_tile
+from ._workers import GPU_RESOURCE, JaxWorkerPlugin, jax_worker_env, local_gpus
 
 # Futures in flight per worker thread: enough to keep workers busy, few
 # enough that an interrupted job loses little.
@@ -39,38 +39,6 @@ THREADS_PER_WORKER = 2
 RETRIES = 3
 # Times a tile is submitted again after its worker was lost mid-tile.
 LOST_RESUBMITS = 3
-
-
-def jax_worker_env(x64: bool) -> dict[str, str]:
-    """Environment for worker processes, set before JAX starts in them."""
-    env = {
-        "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
-        "JAX_ENABLE_X64": "1" if x64 else "0",
-        **huge_pages_env(),
-    }
-    if "JAX_PLATFORMS" in os.environ:
-        env["JAX_PLATFORMS"] = os.environ["JAX_PLATFORMS"]
-    return env
-
-
-def local_gpus() -> list[str]:
-    """The CUDA devices this process's JAX sees, as ``CUDA_VISIBLE_DEVICES`` values.
-
-    Empty unless JAX's default backend here is a GPU. JAX numbers the devices
-    it sees from 0; with ``CUDA_VISIBLE_DEVICES`` set those are positions in
-    it, so the values returned are what a child process must be given to see
-    the same physical device.
-    """
-    import jax
-
-    if jax.default_backend() != "gpu":
-        return []
-    ids = [d.id for d in jax.local_devices()]
-    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")]
-    visible = [v for v in visible if v]
-    if visible:
-        return [visible[i] for i in ids if i < len(visible)]
-    return [str(i) for i in ids]
 
 
 def default_workers() -> int:
@@ -93,7 +61,7 @@ def gpu_cluster(gpus: Sequence[str], x64: bool) -> SpecCluster:
             "cls": Nanny,
             "options": {
                 "nthreads": THREADS_PER_WORKER,
-                "resources": {"GPU": 1},
+                "resources": {GPU_RESOURCE: 1},
                 "env": {**env, "CUDA_VISIBLE_DEVICES": dev},
                 "host": "127.0.0.1",
                 "silence_logs": logging.ERROR,
@@ -111,36 +79,6 @@ def gpu_cluster(gpus: Sequence[str], x64: bool) -> SpecCluster:
         silence_logs=logging.ERROR,
         name="ntkdist-gpus",
     )
-
-
-@final
-class JaxWorkerPlugin(WorkerPlugin):
-    """Prepare each worker for JAX: no GPU preallocation, x64 as the job needs.
-
-    On a worker whose JAX already started, preallocation cannot change; set
-    ``XLA_PYTHON_CLIENT_PREALLOCATE=false`` in the worker environment too (the
-    embedded cluster does). With several visible GPUs JAX uses the first only,
-    so one worker per GPU stays on its own device.
-
-    Args:
-        x64: enable ``jax_enable_x64`` (for float64 jobs).
-    """
-
-    name = "ntkdist-jax"
-
-    def __init__(self, x64: bool) -> None:
-        """Configure."""
-        self.x64 = x64
-
-    def setup(self, worker: Any) -> None:
-        """Set the environment and JAX's configuration on ``worker``."""
-        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-        import jax
-
-        jax.config.update("jax_enable_x64", self.x64)
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
-        if "," in visible and "JAX_PLATFORMS" not in os.environ:
-            os.environ["CUDA_VISIBLE_DEVICES"] = visible.split(",")[0]
 
 
 @final

@@ -8,7 +8,8 @@ from typing import Any, final
 from .._model import Model
 from .._planner import Tile
 from ._base import AbstractExecutor, OnDone
-from ._task import TileSpec, run_tile
+from ._spec import TileSpec
+from ._task import run_tile
 
 
 @final

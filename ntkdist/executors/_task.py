@@ -11,74 +11,22 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from collections import OrderedDict
 from typing import Any
 
 import numpy as np
-import zarr
 
+from .._lru import LRU
 from .._model import Model
 from .._planner import Tile
-from .._precision import DEFAULT as DEFAULT_PRECISION, matmul_precision
-from ..kernels import AbstractKernelStrategy
+from .._precision import matmul_precision
 from ..storage import write_tile
+from ._blocks import open_array
 from ._factors import tile_block
+from ._spec import TileSpec
 
-
-@dataclasses.dataclass(frozen=True)
-class InputSource:
-    """Where workers read an input: a Zarr array ``path`` inside store ``root``."""
-
-    root: str
-    path: str
-
-
-@dataclasses.dataclass(frozen=True)
-class TileSpec:
-    """Everything a tile task needs besides the model and params.
-
-    Attributes:
-        store: root of the kernel store.
-        x1: where ``x1`` is read.
-        x2: where ``x2`` is read (``None``: symmetric, ``x2 = x1``).
-        output: the output form.
-        strategy: the strategy instance (frozen, hashable).
-        tile_rows: tile side along ``x1`` (ragged blocks are padded to it).
-        tile_cols: tile side along ``x2``.
-        dtype: the kernel dtype.
-        fingerprint: the job's fingerprint (names worker caches and task keys).
-        model_key: hash of what the model computes; a worker reuses the first
-            model object it saw with this key, so later jobs hit the same
-            compiled functions instead of compiling again.
-        cache: where blocks' factors are kept between tiles: ``"none"``,
-            ``"memory"`` or ``"store"`` (see ``ntkdist.executors._factors``).
-        cache_bytes: capacity of each worker's factor cache.
-        precision: the matmul precision the job computes at (see
-            ``ntkdist._precision``).
-    """
-
-    store: str
-    x1: InputSource
-    x2: InputSource | None
-    output: str
-    strategy: AbstractKernelStrategy
-    tile_rows: int
-    tile_cols: int
-    dtype: str
-    fingerprint: str
-    model_key: str = ""
-    cache: str = "none"
-    cache_bytes: float = 0.0
-    precision: str = DEFAULT_PRECISION
-
-
-_lock = threading.Lock()
-_arrays: OrderedDict[tuple[str, ...], zarr.Array] = OrderedDict()
-# Open arrays a worker keeps (the kernel and the inputs of recent jobs).
-ARRAY_CACHE_SIZE = 8
-_models: OrderedDict[str, Model] = OrderedDict()
 # Models a worker keeps so that repeated jobs reuse their compilations.
 MODEL_CACHE_SIZE = 8
+_models: LRU[str, Model] = LRU(max_items=MODEL_CACHE_SIZE)
 
 
 def canonical_model(key: str, model: Model) -> Model:
@@ -90,41 +38,7 @@ def canonical_model(key: str, model: Model) -> Model:
     """
     if not key:
         return model
-    with _lock:
-        if key not in _models:
-            _models[key] = model
-            while len(_models) > MODEL_CACHE_SIZE:
-                _models.popitem(last=False)
-        _models.move_to_end(key)
-        return _models[key]
-
-
-def _array(root: str, path: str, mode: str, job: str) -> zarr.Array:
-    key = (root, path, mode, job)
-    with _lock:
-        if key not in _arrays:
-            # Tiles are never all NaN (the fill), so skip zarr's emptiness scan.
-            config = {"write_empty_chunks": True} if mode != "r" else None
-            _arrays[key] = zarr.open_array(
-                store=root, path=path, mode=mode, config=config
-            )
-            while len(_arrays) > ARRAY_CACHE_SIZE:
-                _arrays.popitem(last=False)
-        return _arrays[key]
-
-
-def read_block(
-    src: InputSource, rows: tuple[int, int], size: int, job: str = ""
-) -> np.ndarray:
-    """Rows ``[start, stop)`` of an input, padded to ``size`` by repeating the last.
-
-    Padding rows are real samples, so no model sees inputs it could not
-    handle; their kernel entries are cut away before writing.
-    """
-    x = np.asarray(_array(src.root, src.path, "r", job)[rows[0] : rows[1]])
-    if len(x) < size:
-        x = np.concatenate([x, np.repeat(x[-1:], size - len(x), axis=0)])
-    return x
+    return _models.get_or_make(key, lambda: model)
 
 
 def compute_block(tile: Tile, spec: TileSpec, model: Model, params: Any) -> np.ndarray:
@@ -164,8 +78,8 @@ class ByValue:
 
 
 COMPUTE_SLOT = threading.Semaphore(1)
-_loaded: OrderedDict[str, tuple[Model, Any]] = OrderedDict()
-_loaded_lock = threading.Lock()
+# Unpickled payloads a worker keeps (recent jobs' models and params).
+_loaded: LRU[str, tuple[Model, Any]] = LRU(max_items=4)
 
 
 def _load(payload: ByValue | tuple[Model, Any]) -> tuple[Model, Any]:
@@ -174,12 +88,7 @@ def _load(payload: ByValue | tuple[Model, Any]) -> tuple[Model, Any]:
         return payload
     import pickle
 
-    with _loaded_lock:
-        if payload.digest not in _loaded:
-            _loaded[payload.digest] = pickle.loads(payload.data)
-            while len(_loaded) > 4:
-                _loaded.popitem(last=False)
-        return _loaded[payload.digest]
+    return _loaded.get_or_make(payload.digest, lambda: pickle.loads(payload.data))
 
 
 def run_tile(
@@ -196,5 +105,5 @@ def run_tile(
     # tile meanwhile, so the write overlaps the next compute.
     with COMPUTE_SLOT, matmul_precision(spec.precision):
         block = compute_block(tile, spec, model, params)
-    kernel = _array(spec.store, "kernel", "r+", spec.fingerprint)
+    kernel = open_array(spec.store, "kernel", "r+", spec.fingerprint)
     return write_tile(kernel, tile, block, spec.output)

@@ -1,4 +1,4 @@
-"""The kernel store: Zarr v3 layout, fingerprint, per-tile markers, lock."""
+"""The kernel store: Zarr v3 layout, typed job spec, fingerprint, markers, lock."""
 
 from ._fingerprint import (
     FIELDS as FIELDS,
@@ -10,11 +10,15 @@ from ._fingerprint import (
     params_digest as params_digest,
 )
 from ._lock import StoreLock as StoreLock, lock_path as lock_path
-from ._zarr import (
-    KernelStore as KernelStore,
+from ._spec import InputRecord as InputRecord, StoreSpec as StoreSpec
+from ._tiles import (
     checksum as checksum,
     mirror_block as mirror_block,
+    write_tile as write_tile,
+)
+from ._zarr import (
+    KernelStore as KernelStore,
+    is_url as is_url,
     remove_store as remove_store,
     store_state as store_state,
-    write_tile as write_tile,
 )

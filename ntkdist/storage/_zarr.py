@@ -10,37 +10,29 @@ Layout of a store (a Zarr v3 group)::
                            a tile's marker is done[i, j] of the tile it names
     inputs/x1, inputs/x2   copies of in-memory inputs, chunked by tile rows
 
-The ``kernel`` chunk of block ``(i, j)`` has exactly one writer: the task of
-tile ``(i, j)``, or for ``j < i`` in a symmetric job the task of ``(j, i)``,
-which writes its transpose.
+The job spec's schema is :class:`ntkdist.storage._spec.StoreSpec`; what a task
+writes (a tile, its mirror, their checksums) is in :mod:`ntkdist.storage._tiles`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import fcntl
+import dataclasses
 import functools
-import mmap
 import os
 import shutil
-import threading
-import uuid
-import zlib
-from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterable
 from typing import Any, Literal
 
 import numpy as np
 import zarr
-import zarr.storage
-from zarr.codecs import BytesCodec
 from zarr.core.sync import sync
 
 from .._errors import StoreError
+from .._outputs import kernel_shape
 from .._planner import Plan, Tile
+from ._spec import StoreSpec
+from ._tiles import checksum
 
-FORMAT = "ntkdist-kernel-store/1"
 ATTR = "ntkdist"
 CREATING = "ntkdist_creating"
 
@@ -55,280 +47,6 @@ StoreState = Literal["absent", "empty", "creating", "ntkdist", "other"]
 def is_url(path: str) -> bool:
     """Whether ``path`` is a URL (``s3://``, ``gs://``, ``file://``, ...)."""
     return "://" in path
-
-
-def checksum(block: np.ndarray) -> int:
-    """A nonzero 64-bit checksum of an array's C-order bytes: length and CRC-32.
-
-    Fast (several GB/s, no copy) so it adds little to a tile's write; it
-    detects truncated, altered or swapped chunks, not deliberate tampering.
-
-    Example:
-        >>> checksum(np.zeros(3)) == checksum(np.zeros(3)) != checksum(np.ones(3))
-        True
-    """
-    raw = memoryview(np.ascontiguousarray(block)).cast("B")
-    return (((raw.nbytes & 0xFFFFFFFF) << 32) | zlib.crc32(raw)) or 1
-
-
-def mirror_block(block: np.ndarray, output: str) -> np.ndarray:
-    """Block ``(j, i)`` from block ``(i, j)``: ``Θ[j, i, b, a] = Θ[i, j, a, b]``."""
-    return np.ascontiguousarray(_mirror_view(block, output))
-
-
-def _mirror_view(block: np.ndarray, output: str) -> np.ndarray:
-    axes = {"full": (1, 0, 3, 2), "diagonal": (1, 0, 2)}.get(output, (1, 0))
-    return block.transpose(axes)
-
-
-def write_tile(
-    kernel: zarr.Array, tile: Tile, block: np.ndarray, output: str
-) -> tuple[int, int]:
-    """Write one tile (and its mirror) into ``kernel``; return their checksums.
-
-    The second checksum is 0 unless the tile is a symmetric job's ``mirror``
-    tile. Called by tasks; touches no attributes and no markers. When it
-    returns, the data is in the chunk files (see :func:`write_chunk_file`).
-    """
-    block = np.asarray(block, dtype=kernel.dtype)
-    (r0, _), (c0, _) = tile.rows, tile.cols
-    first = _write_block(kernel, r0, c0, block)
-    if tile.kind != "mirror":
-        return first, 0
-    return first, _write_block(kernel, c0, r0, _mirror_view(block, output))
-
-
-# Chunks of at least this many bytes in a local store are written by
-# write_chunk_file rather than through zarr. Writing a 166 MB chunk through the
-# page cache cost 0.3-0.35 s of system time (a page-cache page is fresh memory
-# for every byte of a new file); with O_DIRECT it took 0.02 s of system time
-# and 0.08 s on the wire, and the kernel's chunks no longer push other data
-# out of the page cache. Smaller chunks take zarr's path.
-DIRECT_MIN_BYTES = 8 << 20
-# The bytes of a chunk go to the file in pieces of this size through two
-# reused, page-aligned buffers: one is written while the next is filled.
-_PIECE = 8 << 20
-_ALIGN = 4096
-_buffers = threading.local()
-
-
-def _write_block(kernel: zarr.Array, r0: int, c0: int, block: np.ndarray) -> int:
-    """Write ``block`` at rows ``r0``, columns ``c0``; return its checksum."""
-    path = _chunk_path(kernel, r0, c0, block)
-    if path is None:
-        block = np.ascontiguousarray(block)
-        kernel[r0 : r0 + block.shape[0], c0 : c0 + block.shape[1]] = block
-        return checksum(block)
-    return write_chunk_file(path, block, kernel.chunks, kernel.fill_value)
-
-
-def _chunk_path(kernel: zarr.Array, r0: int, c0: int, block: np.ndarray) -> str | None:
-    """The file of the chunk ``block`` fills, if write_chunk_file may write it.
-
-    That is: a local store, chunks stored as plain bytes (no compressor, no
-    sharding) in native byte order, a block that starts at a chunk's corner
-    and fits in it, and a chunk of at least ``DIRECT_MIN_BYTES``.
-    """
-    chunks = kernel.chunks
-    nbytes = int(np.prod(chunks)) * kernel.dtype.itemsize
-    store = kernel.store
-    if (
-        nbytes < DIRECT_MIN_BYTES
-        or not isinstance(store, zarr.storage.LocalStore)
-        or getattr(store, "read_only", False)
-        or kernel.metadata.zarr_format != 3
-        or len(kernel.metadata.codecs) != 1
-        or not isinstance(kernel.metadata.codecs[0], BytesCodec)
-        or not _same_order(kernel.dtype, kernel.metadata.codecs[0].endian)
-        or block.shape[2:] != chunks[2:]
-        or tuple(kernel.shape[2:]) != tuple(chunks[2:])
-        or r0 % chunks[0]
-        or c0 % chunks[1]
-        or not 0 < block.shape[0] <= chunks[0]
-        or not 0 < block.shape[1] <= chunks[1]
-        or r0 + block.shape[0] > kernel.shape[0]
-        or c0 + block.shape[1] > kernel.shape[1]
-    ):
-        return None
-    coords = (r0 // chunks[0], c0 // chunks[1], *(0,) * (kernel.ndim - 2))
-    key = kernel.metadata.encode_chunk_key(coords)
-    return os.path.join(str(store.root), *kernel.path.split("/"), *key.split("/"))
-
-
-def _same_order(dtype: np.dtype[Any], endian: str | None) -> bool:
-    """Whether arrays of ``dtype`` hold their bytes in the codec's byte order."""
-    if endian is None or dtype.itemsize == 1:
-        return True
-    return dtype == dtype.newbyteorder("<" if endian == "little" else ">")
-
-
-def write_chunk_file(
-    path: str, block: np.ndarray, chunk_shape: tuple[int, ...], fill: Any
-) -> int:
-    """Write a chunk file as zarr would, from a block at the chunk's corner.
-
-    The file holds the chunk's C-order bytes: ``block`` in its corner, ``fill``
-    elsewhere (the ragged edge), as zarr writes an uncompressed chunk. It is
-    written to a temporary name and renamed into place, so readers see the
-    whole chunk or none of it; when this returns, the data is in the file.
-    The checksum of ``block`` (:func:`checksum`) is computed on the way.
-
-    Returns:
-        ``checksum(block)``.
-    """
-    directory = os.path.dirname(path)
-    os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.{uuid.uuid4().hex}.partial"
-    try:
-        try:
-            crc = _write_file(tmp, block, chunk_shape, fill, direct=True)
-        except OSError as err:
-            if err.errno != errno.EINVAL:
-                raise
-            # The file system takes no O_DIRECT (tmpfs, some network ones).
-            os.unlink(tmp)
-            crc = _write_file(tmp, block, chunk_shape, fill, direct=False)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    nbytes = block.size * block.itemsize
-    return (((nbytes & 0xFFFFFFFF) << 32) | crc) or 1
-
-
-def _write_file(
-    path: str,
-    block: np.ndarray,
-    chunk_shape: tuple[int, ...],
-    fill: Any,
-    *,
-    direct: bool,
-) -> int:
-    """Write the chunk's bytes to a new file ``path``; return the block's CRC-32."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-    direct_flag = getattr(os, "O_DIRECT", 0) if direct else 0
-    fd = os.open(path, flags | direct_flag, 0o666)
-    try:
-        bufs = _aligned_buffers()
-        pool = ThreadPoolExecutor(1)
-        try:
-            out = _Out(fd, bufs, pool, direct_flag)
-            crc = 0
-            for piece, data in _pieces(block, chunk_shape, fill):
-                for d in data:
-                    crc = zlib.crc32(d, crc)
-                out.write(piece)
-            out.close()
-        finally:
-            pool.shutdown(wait=True)
-    finally:
-        os.close(fd)
-    return crc
-
-
-def _aligned_buffers() -> list[np.ndarray]:
-    """This thread's two page-aligned ``_PIECE``-byte buffers (kept for reuse)."""
-    bufs = getattr(_buffers, "bufs", None)
-    if bufs is None or len(bufs[0]) < _PIECE:
-        maps = [mmap.mmap(-1, _PIECE) for _ in range(2)]
-        bufs = [np.frombuffer(m, dtype=np.uint8) for m in maps]
-        _buffers.bufs = bufs
-    return bufs
-
-
-class _Out:
-    """A file's bytes in order, written in aligned ``_PIECE`` pieces by a thread."""
-
-    def __init__(
-        self, fd: int, bufs: list[np.ndarray], pool: ThreadPoolExecutor, direct: int
-    ) -> None:
-        self.fd, self.bufs, self.pool, self.direct = fd, bufs, pool, direct
-        self.k = 0  # the buffer being filled
-        self.used = 0  # its bytes filled
-        self.busy: list[Future[None] | None] = [None, None]
-
-    def write(self, data: memoryview) -> None:
-        src = np.frombuffer(data, dtype=np.uint8)
-        while len(src):
-            if self.used == 0:
-                self._wait(self.k)
-            n = min(len(src), _PIECE - self.used)
-            self.bufs[self.k][self.used : self.used + n] = src[:n]
-            self.used += n
-            src = src[n:]
-            if self.used == _PIECE:
-                self._flush(_PIECE)
-
-    def close(self) -> None:
-        whole = self.used - self.used % _ALIGN
-        tail = self.bufs[self.k][whole : self.used]
-        if whole:
-            self._flush(whole)
-        for k in (0, 1):
-            self._wait(k)
-        if len(tail):
-            if self.direct:  # the last bytes are no whole block: write them buffered
-                fl = fcntl.fcntl(self.fd, fcntl.F_GETFL)
-                fcntl.fcntl(self.fd, fcntl.F_SETFL, fl & ~self.direct)
-            _write_all(self.fd, memoryview(tail))
-
-    def _flush(self, n: int) -> None:
-        view = memoryview(self.bufs[self.k])[:n]
-        self.busy[self.k] = self.pool.submit(_write_all, self.fd, view)
-        self.k, self.used = 1 - self.k, 0
-
-    def _wait(self, k: int) -> None:
-        fut, self.busy[k] = self.busy[k], None
-        if fut is not None:
-            fut.result()
-
-
-def _write_all(fd: int, view: memoryview) -> None:
-    while len(view):
-        n = os.write(fd, view)
-        view = view[n:]
-
-
-def _pieces(
-    block: np.ndarray, chunk_shape: tuple[int, ...], fill: Any
-) -> Iterator[tuple[memoryview, list[memoryview]]]:
-    """The chunk's C-order bytes in pieces, each with the block's bytes in it.
-
-    A C-contiguous block as wide as the chunk is its own bytes (no copy);
-    otherwise bands of chunk rows are assembled, padded with ``fill``.
-    """
-    rows, cols = block.shape[:2]
-    row_bytes = int(np.prod(chunk_shape[1:])) * block.itemsize
-    band = max(1, _PIECE // row_bytes)
-    if cols == chunk_shape[1] and block.flags.c_contiguous:
-        raw = memoryview(block).cast("B")
-        for a in range(0, rows, band):
-            piece = raw[a * row_bytes : min(rows, a + band) * row_bytes]
-            yield piece, [piece]
-        if rows < chunk_shape[0]:
-            pad = np.full(
-                (min(band, chunk_shape[0] - rows), *chunk_shape[1:]),
-                fill,
-                dtype=block.dtype,
-            )
-            for a in range(rows, chunk_shape[0], band):
-                n = min(band, chunk_shape[0] - a)
-                yield memoryview(pad[:n]).cast("B"), []
-        return
-    buf = np.empty((band, *chunk_shape[1:]), dtype=block.dtype)
-    for a in range(0, chunk_shape[0], band):
-        n = min(band, chunk_shape[0] - a)
-        v = max(0, min(n, rows - a))  # rows of the block in this band
-        out = buf[:n]
-        out[:v, :cols] = block[a : a + v]
-        out[:v, cols:] = fill
-        out[v:] = fill
-        if cols == chunk_shape[1]:
-            data = [memoryview(out[:v]).cast("B")] if v else []
-        else:
-            data = [memoryview(out[i, :cols]).cast("B") for i in range(v)]
-        yield memoryview(out).cast("B"), data
 
 
 def _local(path: str) -> str:
@@ -372,8 +90,7 @@ class KernelStore:
         >>> p = Plan(n1=3, n2=3, out_dim=1, output="trace", symmetric=True, tile=2,
         ...          strategy="jacobian", dtype="float64")
         >>> path = os.path.join(tempfile.mkdtemp(), "k.zarr")
-        >>> spec = {"fields": {}, "fingerprint": "x"}
-        >>> s = KernelStore.create(path, plan=p, spec=spec)
+        >>> s = KernelStore.create(path, plan=p, spec=StoreSpec(p, {}, "x"))
         >>> s.progress(), s.kernel.shape
         ((0, 3), (3, 3))
     """
@@ -383,8 +100,9 @@ class KernelStore:
         self.path = path
         self._group = group
         self.read_only = read_only
-        self._spec: dict[str, Any] = dict(group.attrs.asdict()[ATTR])
-        self.plan = Plan.from_json(self._spec["plan"])
+        self._raw: dict[str, Any] = dict(group.attrs.asdict()[ATTR])
+        self.spec = StoreSpec.from_json(self._raw)
+        self.plan = self.spec.plan
 
     # -- creating and opening -------------------------------------------------
 
@@ -394,7 +112,7 @@ class KernelStore:
         path: str,
         *,
         plan: Plan,
-        spec: dict[str, Any],
+        spec: StoreSpec | dict[str, Any],
         inputs: dict[str, Any] | None = None,
     ) -> KernelStore:
         """Create the store's arrays and attributes (the coordinator, before work).
@@ -403,13 +121,18 @@ class KernelStore:
             path: where; must be absent, an empty directory, or a store left
                 half-created by a crash.
             plan: the tile plan (its tile sizes become the chunks).
-            spec: the job spec for the root attributes (fields, fingerprint, ...).
+            spec: the job spec for the root attributes (a dict is read as
+                :meth:`StoreSpec.from_json` reads one); its plan becomes ``plan``.
             inputs: in-memory inputs to copy into ``inputs/<name>``, chunked by
                 tile rows, so workers read them tile by tile.
 
         Raises:
             StoreError: the path cannot be written (read-only, not a directory).
         """
+        if isinstance(spec, StoreSpec):
+            spec = dataclasses.replace(spec, plan=plan)
+        else:
+            spec = StoreSpec.from_json({**spec, "plan": json_plan(plan)})
         state = store_state(path)
         if state == "creating":
             remove_store(path)
@@ -419,7 +142,7 @@ class KernelStore:
             )
         try:
             group = zarr.open_group(store=path, mode="w", attributes={CREATING: True})
-            out_shape = _kernel_shape(plan)
+            out_shape = kernel_shape(plan.output, plan.n1, plan.n2, plan.out_dim)
             chunks = (plan.tile_rows, plan.tile_cols, *out_shape[2:])
             group.create_array(
                 "kernel",
@@ -436,8 +159,7 @@ class KernelStore:
                 _copy_input(
                     group, name, x, plan.tile_rows if name == "x1" else plan.tile_cols
                 )
-            full = {"format": FORMAT, **spec, "plan": json_plan(plan)}
-            group.attrs.put({ATTR: full})
+            group.attrs.put({ATTR: spec.to_json()})
         except PermissionError as err:
             raise StoreError(
                 f"cannot write the store at {path} ({err.strerror or err}); the "
@@ -489,8 +211,9 @@ class KernelStore:
 
     @property
     def attrs(self) -> dict[str, Any]:
-        """The JSON job spec (fields, fingerprint, plan, inputs, model spec, ...)."""
-        return dict(self._spec)
+        """The JSON job spec as stored (fields, fingerprint, plan, inputs, ...);
+        ``.spec`` is the same, typed."""
+        return dict(self._raw)
 
     @property
     def output(self) -> str:
@@ -520,12 +243,12 @@ class KernelStore:
     @property
     def fields(self) -> dict[str, str]:
         """Fingerprint fields: name -> short hash."""
-        return dict(self._spec.get("fields", {}))
+        return dict(self.spec.fields)
 
     @property
     def fingerprint(self) -> str:
         """The hash over all fingerprint fields."""
-        return str(self._spec.get("fingerprint", ""))
+        return self.spec.fingerprint
 
     def markers(self) -> np.ndarray:
         """The marker array read whole: ``(grid1, grid2)`` uint64 checksums."""
@@ -623,13 +346,6 @@ def json_plan(plan: Plan) -> dict[str, Any]:
     import json
 
     return dict(json.loads(plan.to_json()))
-
-
-def _kernel_shape(plan: Plan) -> tuple[int, ...]:
-    o = plan.out_dim
-    return {"full": (plan.n1, plan.n2, o, o), "diagonal": (plan.n1, plan.n2, o)}.get(
-        plan.output, (plan.n1, plan.n2)
-    )
 
 
 def _copy_input(group: zarr.Group, name: str, x: Any, rows: int) -> None:

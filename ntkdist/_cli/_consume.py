@@ -15,8 +15,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from ._errors import NtkdistError, StoreError
-from ._kernel_source import KernelInputError
+from .._errors import KernelInputError, NtkdistError, StoreError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -126,7 +125,7 @@ def load_kernel(path: str) -> Any:
         return np.load(path, mmap_mode="r")
     if not os.path.exists(path) and "://" not in path:
         raise KernelInputError(f"{path}: no such kernel store or file.")
-    from ._compute import open as open_store
+    from .._api import open as open_store
 
     try:
         return open_store(path)
@@ -153,7 +152,7 @@ def _labels(path: str, n_classes: int | None) -> tuple[np.ndarray, np.ndarray]:
 
 def run_regress(args: argparse.Namespace) -> int:
     """``ntkdist regress``: fit, predict, save, print metrics."""
-    from .regression import kernel_ridge, metrics
+    from ..regression import kernel_ridge, metrics
 
     try:
         train = load_kernel(args.train_kernel)
@@ -215,7 +214,7 @@ def _width(kernel: Any) -> int | None:
 
 def run_spectrum(args: argparse.Namespace) -> int:
     """``ntkdist spectrum``: eigenvalues, condition number, plot."""
-    from .regression import plot_spectrum, spectrum
+    from ..regression import plot_spectrum, spectrum
 
     try:
         spec = spectrum(

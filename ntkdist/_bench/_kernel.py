@@ -23,10 +23,10 @@ import numpy as np
 import ntkdist
 from ntkdist.executors._dask import default_workers
 
-from . import bench
-from ._model import Model
-from ._planner import format_bytes
-from .kernels import get
+from .._model import Model
+from .._planner import format_bytes
+from ..kernels import get
+from . import _tiles as bench
 
 # The goal: ntkdist at least this many times faster than the naive tiling.
 SPEEDUP_GOAL = 5.0
@@ -156,7 +156,7 @@ def _one_output(
     written = store_bytes(path)
     done, total = store.progress()
     tile = store.plan.tile_rows
-    chosen = store.attrs["strategy"]
+    chosen = store.spec.strategy
     log(
         f"ntkdist {output}: {engine_s:.1f} s, {total} tiles of {tile}, "
         f"{chosen}, factor cache {getattr(store.plan, 'cache', '-')}, "

@@ -1,6 +1,6 @@
 """The eigenvalues of a stored kernel: top-k, smallest, condition number, plot.
 
-The operator is the one of :mod:`ntkdist._kernel_source`: the ``N·O × N·O``
+The operator is the one of :mod:`ntkdist.regression._source`: the ``N·O × N·O``
 matrix for ``full`` kernels (eigenvector index ``i*O + a``), ``K`` itself for
 ``trace``/``pntk`` (the eigenvalues of ``K ⊗ I_C`` are these, each ``C``
 times), and the block-diagonal operator of the ``O`` kernels ``K[:, :, a]`` for
@@ -16,7 +16,7 @@ from typing import Any, final
 import numpy as np
 import scipy.sparse.linalg
 
-from ._kernel_source import (
+from ._source import (
     KernelInputError,
     KernelSource,
     as_kernel,

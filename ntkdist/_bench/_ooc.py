@@ -30,8 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._bench_kernel import store_bytes
-from ._planner import Plan, format_bytes
+from .._planner import Plan, format_bytes
+from ._kernel import store_bytes
 
 # The goal: peak summed resident memory of the job under this.
 MEMORY_GOAL = 4 * 2**30
@@ -42,7 +42,7 @@ RTOL = 1e-4
 JACOBIAN_CHECK = 256
 
 MODEL_FILE = """\
-from ntkdist._bench_ooc import small_mlp
+from ntkdist._bench._ooc import small_mlp
 
 
 def factory():
@@ -331,7 +331,7 @@ def run_ooc(
             "command": "ntkdist " + " ".join(cmd[3:]),
             "plan_text": str(predicted),
             "plan_predicted_seconds": predicted.est_seconds,
-            "strategy": final.attrs["strategy"],
+            "strategy": final.spec.strategy,
             "tile": plan.tile_rows,
             "tiles": total,
             "tiles_done": done,
@@ -377,9 +377,9 @@ def _computing(text: str) -> int | None:
 
 
 def _tile_flops(apply_fn: Any, params: Any, tile: int, d_in: int) -> float:
-    from . import bench
-    from ._model import Model
-    from .kernels import get
+    from .._model import Model
+    from ..kernels import get
+    from . import _tiles as bench
 
     x = jnp.zeros((tile, d_in), jnp.float32)
     return bench.executed_flops(

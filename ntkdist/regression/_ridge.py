@@ -30,18 +30,18 @@ from typing import Any, final
 
 import numpy as np
 
-from ._kernel_source import (
+from ._linalg import (
+    block_jacobi_bytes,
+    cg_solve,
+    dense_solve,
+)
+from ._source import (
     KernelInputError,
     KernelSource,
     as_kernel,
     check_square,
     match_cross,
     parse_budget,
-)
-from ._linalg import (
-    block_jacobi_bytes,
-    cg_solve,
-    dense_solve,
 )
 
 METHODS = ("auto", "cholesky", "cg")

@@ -9,10 +9,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from . import bench
-from ._compute import NOMINAL_TILE
-from ._model import Model
-from .kernels import STRATEGIES, choose, get
+from .._job import NOMINAL_TILE
+from .._model import Model
+from ..kernels import STRATEGIES, choose, get
+from . import _tiles as bench
 
 # auto's goal: within this factor of the best measured strategy.
 AUTO_GOAL = 1.2

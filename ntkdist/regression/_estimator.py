@@ -1,17 +1,4 @@
-"""Consumers of stored kernels: kernel ridge regression, NTK-GP prediction, spectrum.
-
-Every function takes kernels as numpy arrays, ``zarr.Array`` objects or stores
-from ``ntkdist.open`` and reads stores tile by tile along their chunk grid, so
-kernels larger than memory are solved by streaming (conjugate gradient, Lanczos)
-and small ones in memory (Cholesky, eigendecomposition). Arithmetic is float64.
-
-- :func:`kernel_ridge` / :class:`KernelRidgeRegressor`: kernel ridge regression
-  for several ridge values at once (conventions in :mod:`ntkdist._ridge`).
-- :func:`gradient_descent_mse`: linearised-network predictions at training time
-  ``t`` and their NTK-GP variance (conventions in :mod:`ntkdist._predict`).
-- :func:`spectrum` / :func:`plot_spectrum`: top eigenvalues, the smallest one and
-  the condition number (:mod:`ntkdist._spectrum`).
-"""
+"""KernelRidgeRegressor: kernel ridge regression as a scikit-learn estimator."""
 
 from __future__ import annotations
 
@@ -19,29 +6,8 @@ from typing import Any, final
 
 import numpy as np
 
-from ._kernel_source import (
-    FingerprintMismatchError as FingerprintMismatchError,
-    IncompleteKernelError as IncompleteKernelError,
-    KernelInputError as KernelInputError,
-    as_kernel as as_kernel,
-)
-from ._linalg import SolverError as SolverError
-from ._predict import (
-    GpPrediction as GpPrediction,
-    MsePredictor as MsePredictor,
-    gradient_descent_mse as gradient_descent_mse,
-)
-from ._ridge import (
-    KernelRidgeSolution as KernelRidgeSolution,
-    kernel_ridge as kernel_ridge,
-    metrics as metrics,
-    r2_score as r2_score,
-)
-from ._spectrum import (
-    Spectrum as Spectrum,
-    plot_spectrum as plot_spectrum,
-    spectrum as spectrum,
-)
+from .._errors import KernelInputError
+from ._ridge import KernelRidgeSolution, kernel_ridge, r2_score
 
 
 @final

@@ -26,25 +26,19 @@ from typing import Any, final
 
 import numpy as np
 import zarr
-from dask.utils import parse_bytes
 
-from ._errors import InputError
+from .._errors import (
+    FingerprintMismatchError as FingerprintMismatchError,
+    IncompleteKernelError as IncompleteKernelError,
+    InputError,
+    KernelInputError as KernelInputError,
+)
+from .._outputs import OUTPUT_AXES
+from .._units import parse_bytes
 
-OUTPUT_NDIM = {"full": 4, "trace": 2, "pntk": 2, "diagonal": 3}
+OUTPUT_NDIM = {k: 2 + axes for k, axes in OUTPUT_AXES.items()}
 NDIM_OUTPUT = {4: "full", 3: "diagonal", 2: "trace"}
 DEFAULT_BUDGET = "4GiB"
-
-
-class KernelInputError(InputError):
-    """A kernel given to a consumer is malformed or does not fit the others."""
-
-
-class FingerprintMismatchError(KernelInputError):
-    """Two kernels that must come from one model and training set do not."""
-
-
-class IncompleteKernelError(KernelInputError):
-    """The kernel store is unfinished, or a tile read back holds NaN."""
 
 
 def parse_budget(budget: int | float | str | None) -> int:
@@ -56,13 +50,7 @@ def parse_budget(budget: int | float | str | None) -> int:
     """
     if budget is None:
         budget = DEFAULT_BUDGET
-    try:
-        value = parse_bytes(budget) if isinstance(budget, str) else int(budget)
-    except (ValueError, TypeError) as err:
-        raise InputError(
-            f"memory_budget={budget!r} is not a size; expected bytes as an int or "
-            "a string such as '512MiB' or '4GiB'."
-        ) from err
+    value = int(parse_bytes(budget) or 0)
     if value <= 0:
         raise InputError(f"memory_budget={budget!r} must be positive.")
     return value

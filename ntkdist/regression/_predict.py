@@ -30,7 +30,9 @@ from typing import Any, NamedTuple, final
 
 import numpy as np
 
-from ._kernel_source import (
+from ._linalg import _factor, cho_solve, solve_lower
+from ._ridge import _fit, as_labels
+from ._source import (
     KernelInputError,
     KernelSource,
     as_kernel,
@@ -38,8 +40,6 @@ from ._kernel_source import (
     match_cross,
     parse_budget,
 )
-from ._linalg import _factor, cho_solve, solve_lower
-from ._ridge import _fit, as_labels
 
 
 class GpPrediction(NamedTuple):

@@ -1,6 +1,6 @@
 """The ``ntkdist`` command line: compute, plan, status, verify.
 
-Parsing and printing only; the work is in :mod:`ntkdist._compute`.
+Parsing and printing only; the work is in :mod:`ntkdist._api`.
 
 MODEL is ``path/to/file.py:factory`` or ``package.module:factory``, where
 ``factory()`` returns ``(apply_fn, params)``. Inputs are ``.npy`` files,
@@ -10,152 +10,17 @@ MODEL is ``path/to/file.py:factory`` or ``package.module:factory``, where
 from __future__ import annotations
 
 import argparse
-import hashlib
-import importlib
-import importlib.util
 import json
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
 
-from ._errors import InputError, ModelError, NtkdistError
+from .._errors import InputError, NtkdistError
+from .._planner import CACHE_LEVELS
+from ._load import _enable_x64_for, canonical_model_spec, load_input, load_model
 
 EXIT_ERROR = 2
 EXIT_PROBLEMS = 1
-
-
-def load_model(spec: str) -> tuple[Any, Any]:
-    """``(apply_fn, params)`` from ``file.py:factory`` or ``package.module:factory``.
-
-    A module loaded from a file is registered for pickling by value, so
-    worker processes that cannot import it still receive the model.
-
-    Raises:
-        InputError: the file, module or factory does not exist.
-        ModelError: the factory fails or returns something else.
-    """
-    target, sep, name = spec.rpartition(":")
-    if not sep or not target or not name:
-        raise InputError(
-            f"MODEL={spec!r}; expected 'path/to/file.py:factory' or "
-            "'package.module:factory' where factory() returns (apply_fn, params)."
-        )
-    if target.endswith(".py") or os.sep in target:
-        path = os.path.abspath(target)
-        if not os.path.isfile(path):
-            raise InputError(
-                f"MODEL file {target!r} does not exist (looked at {path}); pass an "
-                "existing Python file, e.g. models/mlp.py:make."
-            )
-        mod_name = "ntkdist_model_" + hashlib.sha1(path.encode()).hexdigest()[:12]
-        loader_spec = importlib.util.spec_from_file_location(mod_name, path)
-        if loader_spec is None or loader_spec.loader is None:
-            raise InputError(f"MODEL file {path} cannot be loaded as Python.")
-        module = importlib.util.module_from_spec(loader_spec)
-        sys.modules[mod_name] = module
-        try:
-            loader_spec.loader.exec_module(module)
-        except Exception as err:
-            raise ModelError(
-                f"running MODEL file {path} failed: {type(err).__name__}: {err}"
-            ) from err
-        import cloudpickle
-
-        cloudpickle.register_pickle_by_value(module)
-    else:
-        try:
-            module = importlib.import_module(target)
-        except ImportError as err:
-            raise InputError(
-                f"MODEL module {target!r} cannot be imported ({err}); pass an "
-                "importable module or a path to a .py file."
-            ) from err
-    factory = getattr(module, name, None)
-    if not callable(factory):
-        raise InputError(
-            f"MODEL {spec!r}: {target} has no callable {name!r}; expected a "
-            "function factory() returning (apply_fn, params)."
-        )
-    try:
-        result = factory()
-    except Exception as err:
-        raise ModelError(
-            f"MODEL factory {spec!r} raised {type(err).__name__}: {err}"
-        ) from err
-    if not (
-        isinstance(result, tuple | list) and len(result) == 2 and callable(result[0])
-    ):
-        got = type(result).__name__
-        if isinstance(result, tuple | list):
-            got = f"a {got} of {len(result)} items"
-        raise ModelError(
-            f"MODEL factory {spec!r} returned {got}; expected a pair "
-            "(apply_fn, params) with apply_fn(params, x) -> [n, O]."
-        )
-    return result[0], result[1]
-
-
-def canonical_model_spec(spec: str) -> str:
-    """The spec with a file path made absolute (recorded in the store)."""
-    target, _, name = spec.rpartition(":")
-    if target.endswith(".py") or os.sep in target:
-        return f"{os.path.abspath(target)}:{name}"
-    return spec
-
-
-def load_input(spec: str) -> Any:
-    """An input array from ``x.npy``, ``x.npz:key`` or a Zarr array path.
-
-    ``.npy`` files are memory-mapped; Zarr arrays stay on disk and are read
-    tile by tile by the workers.
-
-    Raises:
-        InputError: the file does not exist or holds no such array.
-    """
-    path, key = spec, None
-    if ".npz:" in spec:
-        path, key = spec.rsplit(":", 1)
-    if not os.path.exists(path):
-        raise InputError(
-            f"input {spec!r} does not exist (looked at "
-            f"{os.path.abspath(path)}); expected a .npy file, a .npz "
-            "file with :key, or a Zarr array directory."
-        )
-    import numpy as np
-
-    if path.endswith(".npy"):
-        return np.load(path, mmap_mode="r")
-    if path.endswith(".npz"):
-        with np.load(path) as data:
-            keys = list(data.keys())
-            if key is None and len(keys) == 1:
-                key = keys[0]
-            if key not in keys:
-                raise InputError(
-                    f"input {spec!r}: the .npz holds {keys}; pass "
-                    f"{path}:KEY with one of them."
-                )
-            return data[key]
-    import zarr
-
-    try:
-        return zarr.open_array(store=path, mode="r")
-    except Exception as err:
-        raise InputError(
-            f"input {spec!r} is neither .npy, .npz nor a Zarr "
-            f"array ({type(err).__name__}: {err})."
-        ) from err
-
-
-def _enable_x64_for(x: Any) -> None:
-    """Compute float64 inputs in float64 (JAX's default would be float32)."""
-    import numpy as np
-
-    if np.dtype(x.dtype) == np.float64:
-        import jax
-
-        jax.config.update("jax_enable_x64", True)
 
 
 def _job_args(p: argparse.ArgumentParser) -> None:
@@ -184,7 +49,7 @@ def _job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--cache",
         default="auto",
-        choices=["auto", "none", "memory", "store"],
+        choices=["auto", *CACHE_LEVELS],
         help="where input blocks' factors are kept between tiles: each worker's "
         "memory, a Zarr factor store inside the kernel store, or nowhere "
         "(recomputed); auto: the plan's predicted fastest",
@@ -262,15 +127,15 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--workers", type=int)
     _exec_args(v, "serial")
     v.set_defaults(func=_cmd_verify)
-    from . import _cli_bench, _cli_consume
+    from . import _bench, _consume
 
-    _cli_consume.register(sub)
-    _cli_bench.register(sub)
+    _consume.register(sub)
+    _bench.register(sub)
     return parser
 
 
 def _cmd_compute(args: argparse.Namespace) -> int:
-    from ._compute import compute
+    from .._api import compute
 
     x1 = load_input(args.x1)
     x2 = None if args.x2 is None else load_input(args.x2)
@@ -302,7 +167,7 @@ def _cmd_compute(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from ._compute import plan
+    from .._api import plan
 
     x1 = load_input(args.x1)
     x2 = None if args.x2 is None else load_input(args.x2)
@@ -327,8 +192,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from ._compute import open as open_store
-    from .storage import lock_path
+    from .._api import open as open_store
+    from ..storage import lock_path
 
     store = open_store(args.store)
     done, total = store.progress()
@@ -353,9 +218,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
         + (" complete" if done == total else "")
     )
     print(f"lock         {'held: ' + lock if os.path.exists(lock) else 'free'}")
-    print(
-        f"model        {store.attrs.get('model_spec') or store.attrs.get('model_name')}"
-    )
+    print(f"model        {store.spec.model_spec or store.spec.model_name}")
     print(f"fingerprint  {store.fingerprint}")
     for k, v in store.fields.items():
         print(f"  {k:<10} {v}")
@@ -364,7 +227,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from ._compute import open as open_store, repair
+    from .._api import open as open_store, repair
 
     store = open_store(args.store)
     holes, corrupt = store.check_tiles()
@@ -381,7 +244,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         return EXIT_PROBLEMS if holes or corrupt else 0
     if not holes and not corrupt:
         return 0
-    spec = args.model or store.attrs.get("model_spec")
+    spec = args.model or store.spec.model_spec
     if not spec:
         raise InputError(
             f"the store at {store.path} records no MODEL spec; pass "
@@ -414,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if argv is None and args.command == "bench":
         # Its in-process reference loops must allocate as the workers do.
-        from ._hugepages import reexec_with_huge_pages
+        from .._hugepages import reexec_with_huge_pages
 
         reexec_with_huge_pages()
     try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import bench
+from .._bench import _main as bench
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -1,6 +1,6 @@
 """Shifted kernel solves ``(K + λ I) X = B`` for many right-hand sides at once.
 
-Right-hand sides are held as ``B[n, w, m]`` (see :mod:`ntkdist._kernel_source`
+Right-hand sides are held as ``B[n, w, m]`` (see :mod:`ntkdist.regression._source`
 for the layout) and column ``k`` has its own shift ``λ_k``. Two methods:
 
 - :func:`dense_solve`: the kernel in memory, one Cholesky factor per distinct
@@ -23,12 +23,8 @@ from typing import final
 import numpy as np
 import scipy.linalg
 
-from ._errors import NtkdistError
-from ._kernel_source import KernelInputError, KernelSource
-
-
-class SolverError(NtkdistError, RuntimeError):
-    """A kernel solve failed: not positive definite, or CG did not converge."""
+from .._errors import KernelInputError, SolverError as SolverError
+from ._source import KernelSource
 
 
 @final

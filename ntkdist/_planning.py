@@ -1,0 +1,233 @@
+"""Planning a job: the measurements (jax) the pure planner is given.
+
+:func:`plan_job` evaluates the strategy's cost at four small tile sizes to fit
+a :class:`~ntkdist._planner.CostModel`, asks :func:`~ntkdist._planner.make_plan`
+for tiles and figures, and optionally times the workers' jitted functions on
+a probe block to predict the wall time. :func:`plan_to_run` is the plan
+``compute`` executes: a resumed store keeps its tile, cache level and strategy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._errors import InputError, ModelError, PlanError
+from ._job import Job, with_strategy
+from ._planner import CostModel, Plan, make_plan
+from ._units import parse_bytes
+from .kernels import STRATEGIES, check_supported, get, tile_shape
+from .kernels._jit import contract_fn, factor_bytes_per_sample, factors_fn
+from .storage import StoreSpec
+
+# Tile sides at which a strategy's cost is evaluated to fit the cost model.
+COST_PROBE = 16
+# Largest probe tile timed to measure the FLOP rates.
+RATE_PROBE = 256
+
+
+def cost_model(job: Job) -> CostModel:
+    """Fit the strategy's cost of an ``n1 × n2`` tile from four of its estimates."""
+    s = COST_PROBE
+    x = jnp.asarray(job.probe)
+    samples = {}
+    for a in (s, 2 * s):
+        for b in (s, 2 * s):
+            c = job.strategy.cost(job.model, job.params, x, a, b, job.output)
+            samples[(a, b)] = (float(c.flops), float(c.bytes))
+    out_items = int(np.prod(tile_shape(job.output, 1, 1, job.out_dim)))
+    feature = (
+        int(np.prod(job.x1.shape[1:], dtype=np.int64)) * np.dtype(job.x1.dtype).itemsize
+    )
+    return CostModel.fit(
+        samples,
+        out_items=out_items,
+        itemsize=np.dtype(job.dtype).itemsize,
+        feature_bytes=feature,
+    )
+
+
+def measure_rate(job: Job, plan: Plan, cost: CostModel) -> tuple[float, float | None]:
+    """FLOP/s of contractions and of factor passes, measured here.
+
+    Uses the jitted functions the workers run, on a probe block of up to
+    ``RATE_PROBE`` samples (compiled first, then timed once). The factor rate
+    is ``None`` for strategies whose factors cost nothing.
+    """
+    p = min(plan.tile_rows, plan.tile_cols, RATE_PROBE)
+    x = jnp.asarray(np.asarray(job.x1[:p]))
+    if len(x) < p:
+        return 0.0, None
+    args = (job.strategy, job.model, job.output, job.params)
+
+    def timed(fn: Any, *a: Any) -> tuple[Any, float]:
+        jax.block_until_ready(fn(*args, *a))  # compile
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(fn(*args, *a))
+        return out, max(time.perf_counter() - t0, 1e-9)
+
+    f1, t_factors = timed(factors_fn, x)
+    f2 = jax.block_until_ready(factors_fn(*args, x[::-1]))
+    _, t_contract = timed(contract_fn, f1, f2)
+    c, a, _, d = cost.flops
+    factor_rate = a * p / t_factors if a > 0 else None
+    return max(0.0, c + d * p * p) / t_contract, factor_rate
+
+
+def plan_job(
+    job: Job,
+    *,
+    tile: int | None = None,
+    memory_budget: Any = None,
+    workers: int = 1,
+    probe: bool = True,
+    cache: str = "auto",
+) -> tuple[Job, Plan]:
+    """Size tiles for ``job`` and predict its figures (no store is touched).
+
+    With ``strategy="auto"`` every strategy is planned for the whole job
+    (tiles, factor reuse, memory budget) and the one with the smallest
+    predicted time wins; the returned job carries it.
+    """
+    candidates = [job]
+    if job.auto:
+        candidates = [with_strategy(job, get(name)) for name in STRATEGIES]
+    plans: list[tuple[float, int, Job, Plan, CostModel]] = []
+    errors: list[PlanError] = []
+    budget = parse_bytes(memory_budget)
+    for k, cand in enumerate(candidates):
+        if cand.strategy is not job.strategy:
+            try:  # auto: a strategy that cannot handle the model is no candidate
+                check_supported(
+                    cand.strategy, cand.model, cand.params, cand.probe, cand.output
+                )
+            except ModelError:
+                continue
+        try:
+            p, cost = _plan_one(cand, tile, budget, workers, cache)
+        except PlanError as e:
+            errors.append(e)
+            continue
+        # Ties go to structured (the first among equals below).
+        rank = 0 if cand.strategy.name == "structured" else 1 + k
+        plans.append((p.nominal_seconds, rank, cand, p, cost))
+    if not plans:
+        raise errors[0]
+    _, _, job, best, cost = min(plans, key=lambda t: (t[0], t[1]))
+    if probe:
+        rate, factor_rate = measure_rate(job, best, cost)
+        best = dataclasses.replace(
+            best, flop_rate=rate, factor_rate=factor_rate, parallel=_parallel(workers)
+        )
+    return job, best
+
+
+def plan_to_run(
+    job: Job,
+    *,
+    tile: int | None,
+    memory_budget: Any,
+    workers: int,
+    cache: str,
+    stored: StoreSpec | None = None,
+    given: Plan | None = None,
+) -> tuple[Job, Plan]:
+    """The plan ``compute`` executes, and the job with its strategy.
+
+    ``given`` (a plan from :func:`ntkdist.plan`) is executed as it is, once
+    checked against the job. Otherwise the job is planned as ``plan`` plans
+    it, except that a resumed store (``stored``) keeps its tile, its cache
+    level and, under ``strategy="auto"``, its strategy.
+
+    Raises:
+        InputError: ``given`` was made for another job.
+        PlanError: no tile fits ``memory_budget``.
+    """
+    if given is not None:
+        return _adopt(job, given), given
+    if stored is not None:
+        tile = stored.plan.tile if tile is None else tile
+        if cache == "auto":
+            cache = stored.plan.cache
+        if job.auto and stored.strategy in STRATEGIES:
+            job = with_strategy(job, get(stored.strategy))
+    return plan_job(
+        job,
+        tile=tile,
+        memory_budget=memory_budget,
+        workers=workers,
+        probe=False,
+        cache=cache,
+    )
+
+
+def _adopt(job: Job, plan: Plan) -> Job:
+    """``job`` with ``plan``'s strategy, once the plan is checked to be its plan."""
+    want = {
+        "n1": job.n1,
+        "n2": job.n2,
+        "out_dim": job.out_dim,
+        "output": job.output,
+        "symmetric": job.x2 is None,
+        "dtype": job.dtype,
+    }
+    differ = [
+        f"{k} is {getattr(plan, k)!r} in the plan but {v!r} here"
+        for k, v in want.items()
+        if getattr(plan, k) != v
+    ]
+    if differ:
+        raise InputError(
+            f"plan= was made for another job: {', '.join(differ)}. Make the plan "
+            "with ntkdist.plan and the same arguments."
+        )
+    if job.auto and plan.strategy in STRATEGIES:
+        return with_strategy(job, get(plan.strategy))
+    if job.strategy.name != plan.strategy:
+        raise InputError(
+            f"plan= computes with strategy {plan.strategy!r} but strategy="
+            f"{job.strategy!r} was given; pass the plan's strategy or 'auto'."
+        )
+    return job
+
+
+def _parallel(workers: int) -> int:
+    """Devices a rate measured here scales over: one per worker on accelerators;
+    on CPU the probe already used every core the workers would share."""
+    return workers if jax.default_backend() != "cpu" else 1
+
+
+def _plan_one(
+    job: Job, tile: int | None, memory_budget: float | None, workers: int, cache: str
+) -> tuple[Plan, CostModel]:
+    """The plan of ``job`` with its own strategy, and that strategy's cost model."""
+    cost = cost_model(job)
+    per_sample = factor_bytes_per_sample(
+        job.strategy,
+        job.model,
+        job.params,
+        tuple(job.probe.shape[1:]),
+        job.probe.dtype,
+        job.output,
+    )
+    the_plan = make_plan(
+        n1=job.n1,
+        n2=job.n2,
+        out_dim=job.out_dim,
+        output=job.output,
+        symmetric=job.x2 is None,
+        dtype=job.dtype,
+        strategy=job.strategy.name,
+        cost=cost,
+        tile=tile,
+        memory_budget=memory_budget,
+        workers=workers,
+        factor_bytes_per_sample=per_sample,
+        cache=cache,
+    )
+    return the_plan, cost
