@@ -24,6 +24,7 @@ from ._precision import (
     check as check_precision,
     matmul_precision,
 )
+from ._units import parse_bytes
 from .kernels import STRATEGIES, AbstractKernelStrategy, get
 from .kernels._base import _symmetrize, _tile
 from .kernels._choose import rank
@@ -92,7 +93,7 @@ def ntk_fn(
     _inputs.check_output(output)
     _inputs.check_strategy(strategy)
     check_precision(precision)
-    budget = _parse_budget(memory_budget)
+    budget = parse_bytes(memory_budget)
     model = as_model(apply_fn)
     cache: dict[tuple[Any, ...], AbstractKernelStrategy] = {}
     lock = threading.Lock()
@@ -145,14 +146,6 @@ def ntk_fn(
                 raise all_refused(refusals)
 
     return fn
-
-
-def _parse_budget(memory_budget: Any) -> float | None:
-    if memory_budget is None:
-        return None
-    from ._planner import parse_bytes
-
-    return float(parse_bytes(memory_budget))
 
 
 def _candidates(

@@ -9,6 +9,7 @@ import jax
 
 from .._errors import InputError, ModelError, PlanError
 from .._model import Model
+from .._units import format_bytes
 from ._base import AbstractKernelStrategy, Cost
 from ._jacobian import JacobianContraction
 from ._structured import StructuredDerivatives
@@ -32,14 +33,6 @@ def get(name: str | AbstractKernelStrategy) -> AbstractKernelStrategy:
             f"{[*STRATEGIES, 'auto']} or an AbstractKernelStrategy instance."
         )
     return STRATEGIES[name]()
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError
 
 
 def rank(
@@ -83,9 +76,9 @@ def rank(
     if not fitting:
         need = min(costs.values(), key=lambda c: c.bytes).bytes
         raise PlanError(
-            f"memory_budget={_fmt_bytes(memory_budget or 0)} cannot hold one "
+            f"memory_budget={format_bytes(memory_budget or 0)} cannot hold one "
             f"{n1}×{n2} tile of output={output!r} with any strategy (the smallest "
-            f"needs {_fmt_bytes(need)}); raise the budget, use smaller tiles, or "
+            f"needs {format_bytes(need)}); raise the budget, use smaller tiles, or "
             f"use output='trace' or 'pntk'."
         )
     names = sorted(fitting, key=lambda k: (fitting[k].flops, k != "structured"))
