@@ -29,6 +29,7 @@ from ._run import (
     create_or_resume,
     locked,
     make_executor,
+    remove_leftovers,
     run_tiles,
     stored_spec,
     tile_spec,
@@ -379,6 +380,7 @@ def repair(
     out = stream or sys.stderr
     with locked(path):
         kstore = KernelStore.open(path, mode="r+")
+        remove_leftovers(kstore, out=out, progress=progress)
         holes, corrupt = kstore.check_tiles()
         if holes or corrupt:
             model = as_model(apply_fn)
@@ -390,7 +392,9 @@ def repair(
                     "params": params_digest(params),
                 }
             check_same_job({k: kstore.fields[k] for k in new}, new, path)
-            kstore.clear_tiles(corrupt)
+            # Missing tiles may still have a marker (their chunk was deleted).
+            marked = kstore.markers()
+            kstore.clear_tiles([t for t in holes if marked[t.i, t.j]] + corrupt)
             runner = make_executor(
                 executor,
                 client=client,

@@ -264,6 +264,21 @@ def tile_spec(
     )
 
 
+def remove_leftovers(kstore: KernelStore, *, out: TextIO, progress: bool) -> int:
+    """Delete the ``*.partial`` files of chunk writes a killed job left behind.
+
+    Called with the store's lock held, so no live writer owns them.
+    """
+    gone = kstore.remove_partial_files()
+    if gone and progress:
+        out.write(
+            f"[ntkdist] removed {len(gone)} unfinished chunk write(s) (*.partial) "
+            "left by an interrupted job\n"
+        )
+        out.flush()
+    return len(gone)
+
+
 def run_tiles(
     kstore: KernelStore,
     model: Model,
@@ -281,6 +296,7 @@ def run_tiles(
     Raises:
         ExecutionError: tiles failed (finished ones stay recorded).
     """
+    remove_leftovers(kstore, out=out, progress=progress)
     done, total = kstore.progress()
     if progress:
         out.write(

@@ -231,18 +231,35 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
     store = open_store(args.store)
     holes, corrupt = store.check_tiles()
+    partial = store.partial_files()
     print(
         f"{store.path}: {store.plan.n_tiles} tiles, {len(holes)} missing, "
         f"{len(corrupt)} corrupt"
+        + (f", {len(partial)} unfinished chunk writes (*.partial)" if partial else "")
     )
+    marked = store.markers()
+    gone = [t for t in holes if marked[t.i, t.j]]
+    for t in gone[:20]:
+        print(
+            f"  missing tile {t.key} (rows {t.rows[0]}:{t.rows[1]}, "
+            f"cols {t.cols[0]}:{t.cols[1]}): marked done, its chunk file is gone"
+        )
     for t in corrupt[:20]:
         print(
             f"  corrupt tile {t.key} (rows {t.rows[0]}:{t.rows[1]}, "
             f"cols {t.cols[0]}:{t.cols[1]})"
         )
+    for f in partial[:20]:
+        print(f"  unfinished chunk write {f} (a killed job's; --repair removes it)")
     if not args.repair:
-        return EXIT_PROBLEMS if holes or corrupt else 0
+        return EXIT_PROBLEMS if holes or corrupt or partial else 0
     if not holes and not corrupt:
+        if partial:
+            from .._run import locked
+
+            with locked(store.path):
+                n = len(store.remove_partial_files())
+            print(f"removed {n} unfinished chunk write(s)")
         return 0
     spec = args.model or store.spec.model_spec
     if not spec:
