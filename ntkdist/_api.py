@@ -27,6 +27,7 @@ from ._precision import (
 )
 from ._run import (
     create_or_resume,
+    finished,
     locked,
     make_executor,
     remove_leftovers,
@@ -322,6 +323,14 @@ def compute(
         stored=None if overwrite else stored_spec(path),
         given=plan,
     )
+    if not overwrite and (done := finished(path, job, the_plan)) is not None:
+        if progress:
+            out.write(
+                f"[ntkdist] store {path}: {done.plan.n_tiles}/{done.plan.n_tiles} "
+                "tiles done, nothing to compute\n"
+            )
+            out.flush()
+        return done
     with locked(path):
         kstore = create_or_resume(
             path, job, the_plan, overwrite=overwrite, model_spec=model_spec

@@ -139,6 +139,24 @@ def job_fields(job: Job, plan: Plan) -> dict[str, str]:
     return {**job.fields, "tile": digest(f"{plan.tile_rows}x{plan.tile_cols}")}
 
 
+def finished(path: str, job: Job, plan: Plan) -> KernelStore | None:
+    """The store at ``path``, opened read-only, if it holds ``job`` complete.
+
+    A finished job needs no lock and no write (its directory may be
+    read-only); anything else (absent, partial, another job) is ``None`` and
+    goes the locked way, which creates, resumes or refuses it.
+    """
+    if store_state(path) != "ntkdist":
+        return None
+    try:
+        kstore = KernelStore.open(path)
+        if kstore.fields != job_fields(job, plan) or not kstore.complete:
+            return None
+    except Exception:
+        return None
+    return kstore
+
+
 def create_or_resume(
     path: str,
     job: Job,

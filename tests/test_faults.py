@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -75,6 +76,21 @@ def _reference(tmp_path, x, *, tile: int, output: str = "full"):
         executor="serial",
         progress=False,
     ).kernel[...]
+
+
+@contextlib.contextmanager
+def read_only(directory):
+    """``directory`` made read-only by a read-only bind mount over itself."""
+    d = str(directory)
+    if subprocess.run(["mount", "--bind", d, d], capture_output=True).returncode:
+        pytest.skip("bind mounts are not permitted here")
+    try:
+        subprocess.run(
+            ["mount", "-o", "remount,ro,bind", d], check=True, capture_output=True
+        )
+        yield directory
+    finally:
+        subprocess.run(["umount", d], check=True)
 
 
 def _partials(store) -> list[str]:
@@ -179,3 +195,31 @@ def test_verify_repair_removes_partial_files_and_calls_a_deleted_chunk_missing(
     assert not leftover.exists()
     assert _cli("verify", str(store)).returncode == 0
     np.testing.assert_array_equal(ntkdist.open(store).kernel[...], clean)
+
+
+# -- a finished store in a read-only directory ----------------------------------
+
+
+def test_a_finished_store_in_a_read_only_directory_needs_no_lock(tmp_path):
+    where = tmp_path / "ro"
+    where.mkdir()
+    args, x = _job(tmp_path, 12, store=where / "k.zarr", tile=4, output="trace")
+    apply_fn, params = load_model(f"{tmp_path}/model.py:make")
+    ntkdist.compute(
+        apply_fn,
+        params,
+        x,
+        store=where / "k.zarr",
+        output="trace",
+        tile=4,
+        executor="serial",
+        progress=False,
+    )
+    with read_only(where):
+        again = _cli(*args)
+        assert again.returncode == 0, again.stderr
+        assert f"store {where / 'k.zarr'}: 6/6 tiles done, nothing to compute" in (
+            again.stderr
+        )
+        assert not (where / "k.zarr.lock").exists()
+        assert "written to" in again.stdout
