@@ -8,6 +8,7 @@ from ._api import compute as compute, ntk as ntk, open as open, plan as plan
 from ._errors import (
     ExecutionError as ExecutionError,
     InputError as InputError,
+    LockLostError as LockLostError,
     ModelError as ModelError,
     NtkdistError as NtkdistError,
     PlanError as PlanError,

@@ -331,7 +331,7 @@ def compute(
             )
             out.flush()
         return done
-    with locked(path):
+    with locked(path, out) as lock:
         kstore = create_or_resume(
             path, job, the_plan, overwrite=overwrite, model_spec=model_spec
         )
@@ -345,6 +345,7 @@ def compute(
             out=out,
             strategy=job.strategy,
             cache=(the_plan.cache, the_plan.cache_bytes),
+            lock=lock,
         )
     return KernelStore.open(path)
 
@@ -387,7 +388,7 @@ def repair(
     """
     path = os.fspath(store)
     out = stream or sys.stderr
-    with locked(path):
+    with locked(path, out) as lock:
         kstore = KernelStore.open(path, mode="r+")
         remove_leftovers(kstore, out=out, progress=progress)
         holes, corrupt = kstore.check_tiles()
@@ -415,5 +416,14 @@ def repair(
             )
             redo = set(holes) | set(corrupt)
             todo = [t for t in kstore.plan.tiles() if t in redo]
-            run_tiles(kstore, model, params, todo, runner, progress=progress, out=out)
+            run_tiles(
+                kstore,
+                model,
+                params,
+                todo,
+                runner,
+                progress=progress,
+                out=out,
+                lock=lock,
+            )
         return holes, corrupt

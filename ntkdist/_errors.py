@@ -17,6 +17,7 @@ not know ntkdist.
     ├── StoreError (OSError)              a store cannot be created, opened, written
     │   ├── ResumeMismatchError           the store holds a different job
     │   └── StoreLockedError              another live job holds the store
+    │       └── LockLostError             this job's lock was taken over
     ├── ExecutionError (RuntimeError)     tiles failed; a rerun resumes
     ├── SolverError (RuntimeError)        a kernel solve failed
     └── ClusterError (RuntimeError)       a Dask worker is not set up as required
@@ -67,6 +68,10 @@ class ResumeMismatchError(StoreError):
 
 class StoreLockedError(StoreError):
     """Another live job holds the store's lock."""
+
+
+class LockLostError(StoreLockedError):
+    """The job's lock was taken over by another job (it was paused past the timeout)."""
 
 
 class ExecutionError(NtkdistError, RuntimeError):

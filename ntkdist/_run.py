@@ -96,16 +96,22 @@ def stored_spec(path: str) -> StoreSpec | None:
 
 
 @contextlib.contextmanager
-def locked(path: str) -> Iterator[None]:
+def locked(path: str, out: TextIO | None = None) -> Iterator[StoreLock | None]:
     """Hold the store's lock (local stores; object stores have none).
+
+    Taking over a stale lock is said on ``out`` (default stderr).
 
     Raises:
         StoreLockedError: another live job holds it.
         StoreError: the location cannot be written.
     """
     lock = None if is_url(path) else _acquire(path)
+    if lock is not None and lock.took_over:
+        stream = out or sys.stderr
+        stream.write(f"[ntkdist] {lock.took_over}\n")
+        stream.flush()
     try:
-        yield
+        yield lock
     finally:
         if lock is not None:
             lock.release()
@@ -308,11 +314,16 @@ def run_tiles(
     out: TextIO,
     strategy: AbstractKernelStrategy | None = None,
     cache: tuple[str, float] | None = None,
+    lock: StoreLock | None = None,
 ) -> None:
     """Run ``todo`` on ``runner``, writing each finished tile's marker.
 
+    With ``lock``, each marker is written only while the lock is still this
+    job's.
+
     Raises:
         ExecutionError: tiles failed (finished ones stay recorded).
+        LockLostError: another job took the lock over.
     """
     remove_leftovers(kstore, out=out, progress=progress)
     done, total = kstore.progress()
@@ -332,6 +343,8 @@ def run_tiles(
         bar = Progress(done=done, total=total, stream=out, enabled=progress)
 
         def on_done(tile: Tile, checksums: tuple[int, int]) -> None:
+            if lock is not None:
+                lock.check()
             kstore.write_marker(tile, checksums)
             bar.advance()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -14,7 +15,8 @@ import numpy as np
 import pytest
 
 import ntkdist
-from ntkdist._cli import load_model
+from ntkdist._cli import load_model, main
+from ntkdist.storage._lock import HEARTBEAT_ENV, STALE_ENV
 
 MODEL_FILE = textwrap.dedent("""
     import jax.numpy as jnp
@@ -30,10 +32,10 @@ MODEL_FILE = textwrap.dedent("""
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
 
 
-def _cli(*args: str, **kw):
+def _cli(*args: str, env=None, **kw):
     return subprocess.run(
         [sys.executable, "-m", "ntkdist", *args],
-        env=ENV,
+        env=env or ENV,
         capture_output=True,
         text=True,
         timeout=kw.pop("timeout", 300),
@@ -223,3 +225,100 @@ def test_a_finished_store_in_a_read_only_directory_needs_no_lock(tmp_path):
         )
         assert not (where / "k.zarr.lock").exists()
         assert "written to" in again.stdout
+
+
+# -- the lock: fenced, and taken over aloud ---------------------------------------
+
+
+def _markers(store) -> int:
+    try:
+        return ntkdist.open(store).progress()[0]
+    except Exception:  # not created yet
+        return 0
+
+
+@pytest.mark.slow
+def test_a_job_paused_past_the_lock_timeout_stops_when_it_resumes(
+    tmp_path, monkeypatch, capsys
+):
+    args, x = _job(tmp_path, 40, tile=2, output="trace")
+    store = tmp_path / "k.zarr"
+    env = {**ENV, STALE_ENV: "2", HEARTBEAT_ENV: "0.2"}
+    monkeypatch.setenv(STALE_ENV, "2")
+    first = subprocess.Popen(
+        [sys.executable, "-m", "ntkdist", *args],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while _markers(store) < 3:
+            assert first.poll() is None, first.stderr.read()
+            assert time.monotonic() < deadline, "the job made no progress"
+            time.sleep(0.02)
+        os.killpg(first.pid, signal.SIGSTOP)  # a suspended laptop, a frozen mount
+        paused = _markers(store)
+        assert paused < ntkdist.open(store).plan.n_tiles
+        time.sleep(2.5)
+        host = socket.gethostname()
+        assert main(["status", str(store)]) == 0
+        assert (
+            f"lock         stale (holder silent): pid {first.pid} on host {host}, "
+            "silent for "
+        ) in capsys.readouterr().out
+        second = _cli(*args, env=env)
+        assert second.returncode == 0, second.stderr
+        assert (
+            f"[ntkdist] taking over the lock of pid {first.pid} on host {host}, "
+            "silent for "
+        ) in second.stderr
+    finally:
+        os.killpg(first.pid, signal.SIGCONT)
+    err = first.communicate(timeout=120)[1]
+    assert first.returncode == 2, err
+    assert "ntkdist compute: error: this job lost the store's lock" in err
+    assert "another job took the store over; this job stops without writing" in err
+    final = ntkdist.open(store)
+    assert final.complete and final.check_tiles() == ([], [])
+    np.testing.assert_array_equal(
+        final.kernel[...], _reference(tmp_path, x, tile=2, output="trace")
+    )
+
+
+def test_status_says_a_dead_holders_lock_is_stale(tmp_path, capsys):
+    store = tmp_path / "k.zarr"
+    apply_fn, params = load_model(_job(tmp_path, 6, tile=2)[0][1])
+    ntkdist.compute(
+        apply_fn,
+        params,
+        np.ones((6, 3)),
+        store=store,
+        tile=3,
+        executor="serial",
+        progress=False,
+    )
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\n"
+            "from ntkdist.storage import StoreLock\n"
+            "StoreLock(sys.argv[1]).acquire(); print('ok', flush=True)\n"
+            "time.sleep(60)",
+            str(store),
+        ],
+        env=ENV,
+        stdout=subprocess.PIPE,
+    )
+    assert holder.stdout.readline() == b"ok\n"
+    assert main(["status", str(store)]) == 0
+    assert f"lock         held by pid {holder.pid} on host" in capsys.readouterr().out
+    holder.kill()
+    holder.wait()
+    holder.stdout.close()
+    assert main(["status", str(store)]) == 0
+    out = capsys.readouterr().out
+    assert f"lock         stale (holder dead): pid {holder.pid} on host" in out

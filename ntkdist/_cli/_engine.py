@@ -193,7 +193,6 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 def _cmd_status(args: argparse.Namespace) -> int:
     from .._api import open as open_store
-    from ..storage import lock_path
 
     store = open_store(args.store)
     done, total = store.progress()
@@ -211,19 +210,35 @@ def _cmd_status(args: argparse.Namespace) -> int:
             )
         )
         return 0
-    lock = lock_path(store.path)
     print(f"store        {store.path}")
     print(
         f"progress     {done}/{total} tiles ({100 * done / max(1, total):.0f}%)"
         + (" complete" if done == total else "")
     )
-    print(f"lock         {'held: ' + lock if os.path.exists(lock) else 'free'}")
+    print(f"lock         {_lock_words(store.path)}")
     print(f"model        {store.spec.model_spec or store.spec.model_name}")
     print(f"fingerprint  {store.fingerprint}")
     for k, v in store.fields.items():
         print(f"  {k:<10} {v}")
     print(store.plan)
     return 0
+
+
+def _lock_words(path: str) -> str:
+    """The store's lock as ``status`` shows it."""
+    from ..storage import StoreLock, is_url
+
+    if is_url(path):
+        return "none (object store)"
+    lock = StoreLock(path)
+    state, words = lock.state()
+    if state == "free":
+        return "free"
+    if state == "held":
+        return f"held by {words} ({lock.path})"
+    if state == "dead":
+        return f"stale (holder dead): {words}; the next job takes it over"
+    return f"stale (holder silent): {words}; the next job takes it over"
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
