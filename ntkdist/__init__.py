@@ -15,6 +15,7 @@ from ._errors import (
     ResumeMismatchError as ResumeMismatchError,
     StoreError as StoreError,
     StoreLockedError as StoreLockedError,
+    StoreWriteError as StoreWriteError,
 )
 from ._model import Model as Model
 from ._planner import Plan as Plan

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import zarr
 
-from ._errors import ExecutionError, InputError, StoreError
+from ._errors import ExecutionError, InputError, StoreError, StoreWriteError
 from ._job import Job
 from ._model import Model
 from ._planner import Plan, Tile
@@ -46,6 +46,7 @@ from .storage import (
     remove_store,
     store_state,
 )
+from .storage._space import bytes_needed, check_writable, fault_message, is_fatal
 
 
 def make_executor(
@@ -335,6 +336,10 @@ def run_tiles(
         out.flush()
     if not todo:
         return
+    kernel_dir = _kernel_dir(kstore)
+    chunks, itemsize = tuple(kstore.kernel.chunks), kstore.kernel.dtype.itemsize
+    if kernel_dir is not None:
+        check_writable(kernel_dir, chunks, itemsize, list(todo))
     spec = tile_spec(kstore, strategy, cache)
     if spec.cache == "store":
         create_factor_stores(spec, kstore.plan.grid, model, params)
@@ -348,10 +353,26 @@ def run_tiles(
             kstore.write_marker(tile, checksums)
             bar.advance()
 
-        failures = runner.run(spec, model, params, todo, on_done)
+        try:
+            failures = runner.run(spec, model, params, todo, on_done)
+        except OSError as err:  # a marker write: the store is read-only or full
+            if not is_fatal(err) or isinstance(err, StoreError):
+                raise
+            failures = [(todo[0], err)]
         bar.close()
         if spec.cache != "none":
             _forget(runner, spec)
+    fatal = [err for _, err in failures if is_fatal(err)]
+    if fatal:
+        left = kstore.todo()
+        raise StoreWriteError(
+            fault_message(
+                fatal[0],
+                kernel_dir or kstore.path,
+                bytes_needed(chunks, itemsize, left),
+                len(left),
+            )
+        ) from fatal[0]
     if failures:
         tile, err = failures[0]
         raise ExecutionError(
@@ -359,6 +380,13 @@ def run_tiles(
             f"{type(err).__name__}: {err}). Finished tiles are recorded; run the "
             "same job again to compute only the missing ones."
         ) from err
+
+
+def _kernel_dir(kstore: KernelStore) -> str | None:
+    """The local directory of the kernel's chunks (``None`` for object stores)."""
+    if is_url(kstore.path):
+        return None
+    return os.path.join(os.path.abspath(kstore.path), *kstore.kernel.path.split("/"))
 
 
 def _forget(runner: AbstractExecutor, spec: TileSpec) -> None:

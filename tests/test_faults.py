@@ -95,6 +95,33 @@ def read_only(directory):
         subprocess.run(["umount", d], check=True)
 
 
+@contextlib.contextmanager
+def tmpfs(directory, size: str):
+    """A fresh tmpfs of ``size`` mounted at ``directory``."""
+    directory.mkdir()
+    d = str(directory)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", d], capture_output=True
+    )
+    if done.returncode:
+        pytest.skip("mounting a tmpfs is not permitted here")
+    try:
+        yield directory
+    finally:
+        subprocess.run(["umount", d], check=True)
+
+
+def _fill_up(directory) -> None:
+    """Write a file in ``directory`` until its file system is full."""
+    with open(directory / "filler", "wb", buffering=0) as f:
+        for piece in (1 << 20, 1 << 12, 1):
+            try:
+                while True:
+                    f.write(b"\0" * piece)
+            except OSError:
+                pass
+
+
 def _partials(store) -> list[str]:
     root = store / "kernel" / "c"
     if not root.exists():
@@ -322,3 +349,117 @@ def test_status_says_a_dead_holders_lock_is_stale(tmp_path, capsys):
     assert main(["status", str(store)]) == 0
     out = capsys.readouterr().out
     assert f"lock         stale (holder dead): pid {holder.pid} on host" in out
+
+
+# -- read-only and full stores: one line, at once, resumable ---------------------
+
+
+def _compute(tmp_path, x, store, *, tile, output, progress=False):
+    apply_fn, params = load_model(f"{tmp_path}/model.py:make")
+    return ntkdist.compute(
+        apply_fn,
+        params,
+        x,
+        store=store,
+        output=output,
+        tile=tile,
+        executor="serial",
+        progress=progress,
+    )
+
+
+def _one_error_line(stderr: str) -> str:
+    errors = [ln for ln in stderr.splitlines() if ln.startswith("ntkdist compute: ")]
+    assert len(errors) == 1 and "Traceback" not in stderr, stderr
+    return errors[0]
+
+
+def test_a_read_only_store_directory_fails_before_any_tile(tmp_path):
+    store = tmp_path / "k.zarr"
+    args, x = _job(tmp_path, 12, tile=2, output="trace")
+    s = _compute(tmp_path, x, store, tile=2, output="trace")
+    s = ntkdist.KernelStore.open(str(store), mode="r+")
+    s.clear_tiles(s.plan.tiles()[-4:])  # an unfinished job, parent writable
+    before = s.markers().copy()
+    with read_only(store):
+        t0 = time.monotonic()
+        failed = _cli(*args)
+        took = time.monotonic() - t0
+        assert failed.returncode == 2
+        line = _one_error_line(failed.stderr)
+        assert line.startswith(
+            f"ntkdist compute: error: cannot write the kernel store: the file system "
+            f"at {store} is read-only (EROFS; writing {store}/kernel); the job still "
+            "needs 192 B for 4 tiles. Nothing was lost: remount it read-write"
+        ), line
+        assert "then run the same job again to compute only the missing tiles" in line
+        assert "tiles/s" not in failed.stderr  # no tile was started
+        np.testing.assert_array_equal(ntkdist.open(store).markers(), before)
+    assert took < 60
+    rerun = _cli(*args)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "17/21 tiles done, computing 4" in rerun.stderr
+    np.testing.assert_array_equal(
+        ntkdist.open(store).kernel[...],
+        _reference(tmp_path, x, tile=2, output="trace"),
+    )
+
+
+def test_a_store_on_too_small_a_file_system_is_refused_before_any_tile(tmp_path):
+    args, _ = _job(tmp_path, 600, tile=100, output="trace")
+    with tmpfs(tmp_path / "small", "1m") as small:
+        store = small / "k.zarr"
+        args[args.index("--out") + 1] = str(store)
+        failed = _cli(*args)
+        assert failed.returncode == 2
+        line = _one_error_line(failed.stderr)
+        assert (
+            f"cannot write the kernel store: the file system at {small} is too small "
+            "for it (ENOSPC, "
+        ) in line
+        assert "free); the job still needs 2.7 MiB for 21 tiles." in line
+        assert ntkdist.open(store).progress()[0] == 0
+
+
+@pytest.mark.slow
+def test_a_disk_that_fills_up_mid_job_stops_it_at_once_and_it_resumes(tmp_path):
+    args, x = _job(tmp_path, 40, tile=2, output="trace")
+    with tmpfs(tmp_path / "disk", "8m") as disk:
+        store = disk / "k.zarr"
+        args[args.index("--out") + 1] = str(store)
+        job = subprocess.Popen(
+            [sys.executable, "-m", "ntkdist", *args],
+            env=ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 120
+        while _markers(store) < 3:
+            assert job.poll() is None, job.stderr.read()
+            assert time.monotonic() < deadline, "the job made no progress"
+            time.sleep(0.02)
+        _fill_up(disk)
+        full_at = time.monotonic()
+        err = job.communicate(timeout=120)[1]
+        assert time.monotonic() - full_at < 30
+        assert job.returncode == 2, err
+        line = _one_error_line(err)
+        assert (
+            f"cannot write the kernel store: the file system at {disk} is full "
+            "(ENOSPC, 0 B free); the job still needs "
+        ) in line, line
+        assert "free space there or move the store to a larger file system" in line
+        done, total = ntkdist.open(store).progress()
+        assert done < total
+        assert f"for {total - done} tiles." in line
+        (disk / "filler").unlink()
+        rerun = _cli(*args)
+        assert rerun.returncode == 0, rerun.stderr
+        assert f"{done}/{total} tiles done, computing {total - done}" in rerun.stderr
+        final = ntkdist.open(store)
+        assert final.complete and final.check_tiles() == ([], [])
+        kernel = final.kernel[...]
+    np.testing.assert_array_equal(
+        kernel, _reference(tmp_path, x, tile=2, output="trace")
+    )

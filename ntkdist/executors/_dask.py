@@ -24,6 +24,7 @@ from distributed.scheduler import KilledWorker
 
 from .._model import Model
 from .._planner import Tile
+from ..storage._space import WriteFault
 from ._base import AbstractExecutor, OnDone
 from ._spec import TileSpec
 from ._task import ByValue, run_tile
@@ -251,6 +252,10 @@ class DaskExecutor(AbstractExecutor):
                     err = _error_of(fut)
                 lost = err is not None and _lost(fut, err)
                 fut.release()
+                if isinstance(value, WriteFault):
+                    # Read-only or full: every other tile would fail alike.
+                    failures.append((tile, value.error()))
+                    break
                 if err is None:
                     on_done(tile, value)
                 elif lost and attempts.get(tile, 0) < LOST_RESUBMITS:
