@@ -463,3 +463,88 @@ def test_a_disk_that_fills_up_mid_job_stops_it_at_once_and_it_resumes(tmp_path):
     np.testing.assert_array_equal(
         kernel, _reference(tmp_path, x, tile=2, output="trace")
     )
+
+
+# -- bad input said plainly; a MODEL file imports what lies beside it ---------------
+
+
+@pytest.mark.parametrize(
+    ("x1", "extra", "said", "unsaid"),
+    [
+        (
+            np.array([1.0, "a", None], dtype=object),
+            [],
+            "holds an array of Python objects (dtype object), not numbers; save a "
+            "numeric array instead",
+            "",
+        ),
+        (
+            np.ones(10),
+            [],
+            "x1 is 1-D, so it was read as samples with no feature axis, and "
+            "apply_fn(params, x) failed on a batch of shape (2,) (TypeError: ",
+            "",
+        ),
+        (
+            np.ones((10, 3)),
+            ["--memory-budget", "1KiB", "--output", "trace"],
+            "memory_budget=1.0 KiB cannot hold a 2×2 tile of output='trace' with "
+            "any strategy: strategy='auto' tried jacobian (needs at least ",
+            "output='trace' or",
+        ),
+    ],
+)
+def test_bad_input_is_one_plain_line(tmp_path, x1, extra, said, unsaid):
+    args, _ = _job(tmp_path, 4, tile=2)
+    np.save(tmp_path / "x.npy", x1, allow_pickle=True)
+    failed = _cli(*args, *extra)
+    assert failed.returncode == 2
+    line = _one_error_line(failed.stderr)
+    assert said in line, line
+    assert not unsaid or unsaid not in line, line
+    if extra:
+        assert "The smallest budget that works is 301.0 MiB (with " in line, line
+        assert line.endswith("raise memory_budget to at least that."), line
+
+
+SIBLING = textwrap.dedent("""
+    import jax.numpy as jnp
+
+    def layer(w, x):
+        return jnp.tanh(x @ w)
+""")
+
+MODEL_WITH_SIBLING = textwrap.dedent("""
+    import numpy as np
+    from blocks import layer
+
+    def make():
+        rng = np.random.default_rng(0)
+        p = {"w1": rng.normal(size=(3, 8)), "w2": rng.normal(size=(8, 2))}
+        return (lambda p, x: layer(p["w1"], x) @ p["w2"]), p
+""")
+
+
+@pytest.mark.cluster
+def test_a_model_file_imports_a_module_beside_it_here_and_on_workers(tmp_path):
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "blocks.py").write_text(SIBLING)
+    (models / "net.py").write_text(MODEL_WITH_SIBLING)
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(6, 3)))
+    done = _cli(
+        "compute",
+        f"{models}/net.py:make",
+        "--x1",
+        str(tmp_path / "x.npy"),
+        "--out",
+        str(tmp_path / "k.zarr"),
+        "--tile",
+        "3",
+        "--workers",
+        "1",
+        "--quiet",
+        cwd=str(tmp_path),
+    )
+    assert done.returncode == 0, done.stderr
+    assert ntkdist.open(tmp_path / "k.zarr").complete
