@@ -18,6 +18,7 @@ from ._errors import (
     StoreWriteError as StoreWriteError,
 )
 from ._model import Model as Model
+from ._ntk_fn import ntk_fn as ntk_fn
 from ._planner import Plan as Plan
 from ._version import __version__ as __version__
 from .regression import (

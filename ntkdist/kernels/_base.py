@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 from typing import Any, ClassVar, Literal
 
 import jax
@@ -176,7 +177,30 @@ def param_count(params: Any) -> int:
 
 
 def forward_flops(model: Model, params: Any, x_one: jax.Array) -> float:
-    """XLA's FLOP count of one forward pass on one sample (batch of 1)."""
+    """XLA's FLOP count of one forward pass on one sample (batch of 1).
+
+    Lowering a large model takes seconds, and every strategy's cost model asks:
+    the count is kept per model, shapes and dtypes.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    avals = tuple((tuple(jnp.shape(v)), str(jnp.result_type(v))) for v in leaves)
+    x_aval = (tuple(jnp.shape(x_one)), str(jnp.result_type(x_one)))
+    precision = jax.config.jax_default_matmul_precision
+    return _forward_flops(model, treedef, avals, x_aval, precision)
+
+
+@functools.lru_cache(maxsize=64)
+def _forward_flops(
+    model: Model,
+    treedef: Any,
+    avals: tuple[Any, ...],
+    x_aval: tuple[Any, ...],
+    precision: str | None,
+) -> float:
+    params = jax.tree_util.tree_unflatten(
+        treedef, [jax.ShapeDtypeStruct(s, d) for s, d in avals]
+    )
+    x_one = jax.ShapeDtypeStruct(*x_aval)
     lowered = jax.jit(model).lower(params, x_one)
     analysis = lowered.cost_analysis()
     if isinstance(analysis, list):  # older jax returned one dict per device
