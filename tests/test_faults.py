@@ -548,3 +548,65 @@ def test_a_model_file_imports_a_module_beside_it_here_and_on_workers(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert ntkdist.open(tmp_path / "k.zarr").complete
+
+
+# -- noise: one line per distinct error, tracebacks to a log ------------------------
+
+FAILS_ON_WORKERS = textwrap.dedent("""
+    import multiprocessing
+
+    import jax.numpy as jnp
+    import numpy as np
+
+    def make():
+        rng = np.random.default_rng(0)
+        p = {"w1": rng.normal(size=(3, 8)), "w2": rng.normal(size=(8, 2))}
+
+        def f(p, x):
+            if multiprocessing.parent_process() is not None:  # a worker
+                raise RuntimeError("this model refuses to run on a worker")
+            return jnp.tanh(x @ p["w1"]) @ p["w2"]
+
+        return f, p
+""")
+
+
+@pytest.mark.cluster
+def test_failed_tiles_are_one_line_each_distinct_error_with_tracebacks_in_a_log(
+    tmp_path,
+):
+    (tmp_path / "model.py").write_text(FAILS_ON_WORKERS)
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(12, 3)))
+    store = tmp_path / "k.zarr"
+    failed = _cli(
+        "compute",
+        f"{tmp_path}/model.py:make",
+        "--x1",
+        str(tmp_path / "x.npy"),
+        "--out",
+        str(store),
+        "--tile",
+        "3",
+        "--strategy",
+        "jacobian",
+        "--workers",
+        "2",
+    )
+    assert failed.returncode == 2
+    log = tmp_path / "k.zarr.log"
+    said = [ln for ln in failed.stderr.splitlines() if " failed: " in ln]
+    assert len(said) == 1, failed.stderr  # ten tiles failed, for one reason
+    assert said[0].startswith("[ntkdist] tile ")
+    assert said[0].endswith(
+        "failed: RuntimeError: this model refuses to run on a worker "
+        f"(full traceback in {log})"
+    )
+    assert "Traceback" not in failed.stderr and "Compute Failed" not in failed.stderr
+    assert "| failed 10" in failed.stderr  # the progress line counts them
+    assert (
+        "ntkdist compute: error: 10 of 10 tiles failed (first: tile "
+    ) in failed.stderr
+    assert f"full tracebacks in {log})." in failed.stderr
+    text = log.read_text()
+    assert text.count("Traceback (most recent call last)") >= 10
+    assert "this model refuses to run on a worker" in text

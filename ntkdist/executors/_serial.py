@@ -50,6 +50,7 @@ class SerialExecutor(AbstractExecutor):
                 if self.raise_errors:
                     raise
                 failures.append((tile, err))
+                self._event("failed", tile, err)
                 continue
             if isinstance(checksums, WriteFault):  # every later tile would fail too
                 failures.append((tile, checksums.error()))
