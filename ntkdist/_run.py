@@ -395,8 +395,14 @@ def log_path(store_path: str) -> str:
 
 
 def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
+    """``Type: message`` in one line; of a message that holds a traceback (a
+    callback's error re-raised by XLA), its last unindented line: the cause."""
+    text = [ln for ln in str(err).strip().splitlines() if ln.strip()]
+    line = text[0] if text else ""
+    if len(text) > 1 and "Traceback (most recent call last)" in text[0]:
+        causes = [ln for ln in text[1:] if not ln[:1].isspace()]
+        line = causes[-1] if causes else line
+    return f"{type(err).__name__}: {line}".rstrip(": ")
 
 
 class _Reporter:

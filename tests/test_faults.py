@@ -422,8 +422,15 @@ def test_a_store_on_too_small_a_file_system_is_refused_before_any_tile(tmp_path)
 
 
 @pytest.mark.slow
-def test_a_disk_that_fills_up_mid_job_stops_it_at_once_and_it_resumes(tmp_path):
+@pytest.mark.parametrize(
+    "executor", ["serial", pytest.param("dask", marks=pytest.mark.cluster)]
+)
+def test_a_disk_that_fills_up_mid_job_stops_it_at_once_and_it_resumes(
+    tmp_path, executor
+):
     args, x = _job(tmp_path, 40, tile=2, output="trace")
+    args[args.index("--executor") + 1] = executor
+    args += ["--workers", "2"]
     with tmpfs(tmp_path / "disk", "8m") as disk:
         store = disk / "k.zarr"
         args[args.index("--out") + 1] = str(store)
