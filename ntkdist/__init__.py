@@ -8,12 +8,14 @@ from ._api import compute as compute, ntk as ntk, open as open, plan as plan
 from ._errors import (
     ExecutionError as ExecutionError,
     InputError as InputError,
+    LockLostError as LockLostError,
     ModelError as ModelError,
     NtkdistError as NtkdistError,
     PlanError as PlanError,
     ResumeMismatchError as ResumeMismatchError,
     StoreError as StoreError,
     StoreLockedError as StoreLockedError,
+    StoreWriteError as StoreWriteError,
 )
 from ._model import Model as Model
 from ._ntk_fn import ntk_fn as ntk_fn

@@ -27,8 +27,10 @@ from ._precision import (
 )
 from ._run import (
     create_or_resume,
+    finished,
     locked,
     make_executor,
+    remove_leftovers,
     run_tiles,
     stored_spec,
     tile_spec,
@@ -321,7 +323,15 @@ def compute(
         stored=None if overwrite else stored_spec(path),
         given=plan,
     )
-    with locked(path):
+    if not overwrite and (done := finished(path, job, the_plan)) is not None:
+        if progress:
+            out.write(
+                f"[ntkdist] store {path}: {done.plan.n_tiles}/{done.plan.n_tiles} "
+                "tiles done, nothing to compute\n"
+            )
+            out.flush()
+        return done
+    with locked(path, out) as lock:
         kstore = create_or_resume(
             path, job, the_plan, overwrite=overwrite, model_spec=model_spec
         )
@@ -335,6 +345,7 @@ def compute(
             out=out,
             strategy=job.strategy,
             cache=(the_plan.cache, the_plan.cache_bytes),
+            lock=lock,
         )
     return KernelStore.open(path)
 
@@ -377,8 +388,9 @@ def repair(
     """
     path = os.fspath(store)
     out = stream or sys.stderr
-    with locked(path):
+    with locked(path, out) as lock:
         kstore = KernelStore.open(path, mode="r+")
+        remove_leftovers(kstore, out=out, progress=progress)
         holes, corrupt = kstore.check_tiles()
         if holes or corrupt:
             model = as_model(apply_fn)
@@ -390,7 +402,9 @@ def repair(
                     "params": params_digest(params),
                 }
             check_same_job({k: kstore.fields[k] for k in new}, new, path)
-            kstore.clear_tiles(corrupt)
+            # Missing tiles may still have a marker (their chunk was deleted).
+            marked = kstore.markers()
+            kstore.clear_tiles([t for t in holes if marked[t.i, t.j]] + corrupt)
             runner = make_executor(
                 executor,
                 client=client,
@@ -402,5 +416,14 @@ def repair(
             )
             redo = set(holes) | set(corrupt)
             todo = [t for t in kstore.plan.tiles() if t in redo]
-            run_tiles(kstore, model, params, todo, runner, progress=progress, out=out)
+            run_tiles(
+                kstore,
+                model,
+                params,
+                todo,
+                runner,
+                progress=progress,
+                out=out,
+                lock=lock,
+            )
         return holes, corrupt

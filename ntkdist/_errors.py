@@ -16,7 +16,9 @@ not know ntkdist.
     ├── PlanError (ValueError)            no tile plan fits the request
     ├── StoreError (OSError)              a store cannot be created, opened, written
     │   ├── ResumeMismatchError           the store holds a different job
-    │   └── StoreLockedError              another live job holds the store
+    │   ├── StoreLockedError              another live job holds the store
+    │   │   └── LockLostError             this job's lock was taken over
+    │   └── StoreWriteError               the store is read-only or full
     ├── ExecutionError (RuntimeError)     tiles failed; a rerun resumes
     ├── SolverError (RuntimeError)        a kernel solve failed
     └── ClusterError (RuntimeError)       a Dask worker is not set up as required
@@ -67,6 +69,14 @@ class ResumeMismatchError(StoreError):
 
 class StoreLockedError(StoreError):
     """Another live job holds the store's lock."""
+
+
+class LockLostError(StoreLockedError):
+    """The job's lock was taken over by another job (it was paused past the timeout)."""
+
+
+class StoreWriteError(StoreError):
+    """The store cannot be written (read-only, full, forbidden); no retry helps."""
 
 
 class ExecutionError(NtkdistError, RuntimeError):

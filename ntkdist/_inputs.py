@@ -149,6 +149,14 @@ def _output_shape(model: Model, params: Any, x: Any, n: int) -> Any:
     try:
         return jax.eval_shape(model.apply_fn, params, probe)
     except Exception as err:
+        if len(x.shape) == 1:
+            raise InputError(
+                "x1 is 1-D, so it was read as samples with no feature axis, and "
+                f"apply_fn(params, x) failed on a batch of shape {probe.shape} "
+                f"({type(err).__name__}: {err}). x1 must be [n, *features]: pass "
+                "x1[:, None] for n samples of one feature, or x1[None] for one "
+                "sample."
+            ) from err
         raise ModelError(
             f"apply_fn(params, x) failed on a batch of shape {probe.shape} "
             f"({type(err).__name__}: {err}); expected it to accept params and a "

@@ -20,7 +20,8 @@ import numpy as np
 from ._errors import InputError, ModelError, PlanError
 from ._job import Job, with_strategy
 from ._planner import CostModel, Plan, make_plan
-from ._units import parse_bytes
+from ._planner._budget import round_up, smaller_output
+from ._units import format_bytes, parse_bytes
 from .kernels import STRATEGIES, check_supported, get, tile_shape
 from .kernels._jit import contract_fn, factor_bytes_per_sample, factors_fn
 from .storage import StoreSpec
@@ -99,6 +100,7 @@ def plan_job(
         candidates = [with_strategy(job, get(name)) for name in STRATEGIES]
     plans: list[tuple[float, int, Job, Plan, CostModel]] = []
     errors: list[PlanError] = []
+    needs: dict[str, float] = {}  # auto: what each strategy's smallest tile needs
     budget = parse_bytes(memory_budget)
     for k, cand in enumerate(candidates):
         if cand.strategy is not job.strategy:
@@ -112,11 +114,15 @@ def plan_job(
             p, cost = _plan_one(cand, tile, budget, workers, cache)
         except PlanError as e:
             errors.append(e)
+            side = 1 if tile is None else max(1, min(tile, max(cand.n1, cand.n2)))
+            needs[cand.strategy.name] = cost_model(cand).worker_bytes(side, side)
             continue
         # Ties go to structured (the first among equals below).
         rank = 0 if cand.strategy.name == "structured" else 1 + k
         plans.append((p.nominal_seconds, rank, cand, p, cost))
     if not plans:
+        if job.auto and needs and budget is not None:
+            raise _auto_refusal(job, tile, budget, needs)
         raise errors[0]
     _, _, job, best, cost = min(plans, key=lambda t: (t[0], t[1]))
     if probe:
@@ -125,6 +131,25 @@ def plan_job(
             best, flop_rate=rate, factor_rate=factor_rate, parallel=_parallel(workers)
         )
     return job, best
+
+
+def _auto_refusal(
+    job: Job, tile: int | None, budget: float, needs: dict[str, float]
+) -> PlanError:
+    """No strategy fits: what auto tried, and the smallest budget that works."""
+    side = "one 1×1 tile" if tile is None else f"a {tile}×{tile} tile"
+    tried = ", ".join(
+        f"{k} (needs at least {format_bytes(v)})" for k, v in needs.items()
+    )
+    best = min(needs, key=lambda k: needs[k])
+    return PlanError(
+        f"memory_budget={format_bytes(budget)} cannot hold {side} of "
+        f"output={job.output!r} with any strategy: strategy='auto' tried "
+        f"{tried} per worker. The smallest budget that works is "
+        f"{format_bytes(round_up(needs[best]))} (with {best}); raise memory_budget "
+        "to at "
+        "least that" + smaller_output(job.output) + "."
+    )
 
 
 def plan_to_run(

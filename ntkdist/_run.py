@@ -12,6 +12,7 @@ import contextlib
 import datetime
 import os
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any, TextIO
 
@@ -19,7 +20,7 @@ import jax
 import numpy as np
 import zarr
 
-from ._errors import ExecutionError, InputError, StoreError
+from ._errors import ExecutionError, InputError, StoreError, StoreWriteError
 from ._job import Job
 from ._model import Model
 from ._planner import Plan, Tile
@@ -46,6 +47,7 @@ from .storage import (
     remove_store,
     store_state,
 )
+from .storage._space import bytes_needed, check_writable, fault_message, is_fatal
 
 
 def make_executor(
@@ -96,16 +98,22 @@ def stored_spec(path: str) -> StoreSpec | None:
 
 
 @contextlib.contextmanager
-def locked(path: str) -> Iterator[None]:
+def locked(path: str, out: TextIO | None = None) -> Iterator[StoreLock | None]:
     """Hold the store's lock (local stores; object stores have none).
+
+    Taking over a stale lock is said on ``out`` (default stderr).
 
     Raises:
         StoreLockedError: another live job holds it.
         StoreError: the location cannot be written.
     """
     lock = None if is_url(path) else _acquire(path)
+    if lock is not None and lock.took_over:
+        stream = out or sys.stderr
+        stream.write(f"[ntkdist] {lock.took_over}\n")
+        stream.flush()
     try:
-        yield
+        yield lock
     finally:
         if lock is not None:
             lock.release()
@@ -137,6 +145,24 @@ def _acquire(path: str) -> StoreLock:
 def job_fields(job: Job, plan: Plan) -> dict[str, str]:
     """The fingerprint fields of ``job`` computed with ``plan``'s tiles."""
     return {**job.fields, "tile": digest(f"{plan.tile_rows}x{plan.tile_cols}")}
+
+
+def finished(path: str, job: Job, plan: Plan) -> KernelStore | None:
+    """The store at ``path``, opened read-only, if it holds ``job`` complete.
+
+    A finished job needs no lock and no write (its directory may be
+    read-only); anything else (absent, partial, another job) is ``None`` and
+    goes the locked way, which creates, resumes or refuses it.
+    """
+    if store_state(path) != "ntkdist":
+        return None
+    try:
+        kstore = KernelStore.open(path)
+        if kstore.fields != job_fields(job, plan) or not kstore.complete:
+            return None
+    except Exception:
+        return None
+    return kstore
 
 
 def create_or_resume(
@@ -264,6 +290,21 @@ def tile_spec(
     )
 
 
+def remove_leftovers(kstore: KernelStore, *, out: TextIO, progress: bool) -> int:
+    """Delete the ``*.partial`` files of chunk writes a killed job left behind.
+
+    Called with the store's lock held, so no live writer owns them.
+    """
+    gone = kstore.remove_partial_files()
+    if gone and progress:
+        out.write(
+            f"[ntkdist] removed {len(gone)} unfinished chunk write(s) (*.partial) "
+            "left by an interrupted job\n"
+        )
+        out.flush()
+    return len(gone)
+
+
 def run_tiles(
     kstore: KernelStore,
     model: Model,
@@ -275,12 +316,18 @@ def run_tiles(
     out: TextIO,
     strategy: AbstractKernelStrategy | None = None,
     cache: tuple[str, float] | None = None,
+    lock: StoreLock | None = None,
 ) -> None:
     """Run ``todo`` on ``runner``, writing each finished tile's marker.
 
+    With ``lock``, each marker is written only while the lock is still this
+    job's.
+
     Raises:
         ExecutionError: tiles failed (finished ones stay recorded).
+        LockLostError: another job took the lock over.
     """
+    remove_leftovers(kstore, out=out, progress=progress)
     done, total = kstore.progress()
     if progress:
         out.write(
@@ -290,28 +337,162 @@ def run_tiles(
         out.flush()
     if not todo:
         return
+    kernel_dir = _kernel_dir(kstore)
+    chunks, itemsize = tuple(kstore.kernel.chunks), kstore.kernel.dtype.itemsize
+    if kernel_dir is not None:
+        check_writable(kernel_dir, chunks, itemsize, list(todo))
     spec = tile_spec(kstore, strategy, cache)
     if spec.cache == "store":
         create_factor_stores(spec, kstore.plan.grid, model, params)
 
     with runner:
         bar = Progress(done=done, total=total, stream=out, enabled=progress)
+        report = _Reporter(kstore.path, bar, out, runner)
+        runner.on_event = report
 
         def on_done(tile: Tile, checksums: tuple[int, int]) -> None:
+            if lock is not None:
+                lock.check()
             kstore.write_marker(tile, checksums)
+            report.tick()
             bar.advance()
 
-        failures = runner.run(spec, model, params, todo, on_done)
+        try:
+            failures = runner.run(spec, model, params, todo, on_done)
+        except OSError as err:  # a marker write: the store is read-only or full
+            if not is_fatal(err) or isinstance(err, StoreError):
+                raise
+            failures = [(todo[0], err)]
+        finally:
+            runner.on_event = None
         bar.close()
         if spec.cache != "none":
             _forget(runner, spec)
+    fatal = [err for _, err in failures if is_fatal(err)]
+    if fatal:
+        left = kstore.todo()
+        raise StoreWriteError(
+            fault_message(
+                fatal[0],
+                kernel_dir or kstore.path,
+                bytes_needed(chunks, itemsize, left),
+                len(left),
+            )
+        ) from fatal[0]
     if failures:
         tile, err = failures[0]
+        logged = f"; full tracebacks in {report.log}" if report.logged else ""
         raise ExecutionError(
             f"{len(failures)} of {len(todo)} tiles failed (first: tile {tile.key}, "
-            f"{type(err).__name__}: {err}). Finished tiles are recorded; run the "
+            f"{_first_line(err)}{logged}). Finished tiles are recorded; run the "
             "same job again to compute only the missing ones."
         ) from err
+
+
+def log_path(store_path: str) -> str:
+    """The job's log of full tracebacks: a sibling ``<store>.log``."""
+    return os.path.abspath(store_path).rstrip(os.sep) + ".log"
+
+
+def _first_line(err: BaseException) -> str:
+    """``Type: message`` in one line; of a message that holds a traceback (a
+    callback's error re-raised by XLA), its last unindented line: the cause."""
+    text = [ln for ln in str(err).strip().splitlines() if ln.strip()]
+    line = text[0] if text else ""
+    if len(text) > 1 and "Traceback (most recent call last)" in text[0]:
+        causes = [ln for ln in text[1:] if not ln[:1].isspace()]
+        line = causes[-1] if causes else line
+    return f"{type(err).__name__}: {line}".rstrip(": ")
+
+
+class _Reporter:
+    """Failed tiles and lost workers, said once each on the terminal.
+
+    Each distinct error (its type and first line) gets one line; every failed
+    tile's full traceback goes to the log file beside the store. Lost workers
+    and tiles run again are counted on the progress line.
+    """
+
+    def __init__(
+        self, path: str, bar: Progress, out: TextIO, runner: AbstractExecutor
+    ) -> None:
+        self.log = None if is_url(path) else log_path(path)
+        self.logged = False
+        self.bar, self.out = bar, out
+        self.client = getattr(runner, "client", None)
+        self.seen: set[str] = set()
+        self.workers = self._workers()
+        self._checked = time.monotonic()
+
+    def _workers(self) -> set[str]:
+        if self.client is None:
+            return set()
+        try:
+            return set(self.client.nthreads())
+        except Exception:
+            return set()
+
+    def tick(self) -> None:
+        """Notice workers that left (at most once a second)."""
+        if self.client is None or time.monotonic() - self._checked < 1.0:
+            return
+        self._count_lost()
+
+    def _count_lost(self) -> None:
+        self._checked = time.monotonic()
+        now = self._workers()
+        gone = len(self.workers - now)
+        self.workers |= now
+        if gone > self.bar.lost_workers:
+            if self.bar.lost_workers == 0:
+                self._say(
+                    "[ntkdist] a worker was lost; its tiles are computed again "
+                    "elsewhere"
+                )
+            self.bar.lost_workers = gone
+
+    def __call__(self, kind: str, tile: Tile, err: BaseException | None) -> None:
+        if kind == "lost":
+            self.bar.retried += 1
+            self._count_lost()
+            return
+        if err is None:
+            return
+        self.bar.failed += 1
+        self._write_log(tile, err)
+        what = _first_line(err)
+        if what in self.seen:
+            return
+        self.seen.add(what)
+        where = f" (full traceback in {self.log})" if self.logged else ""
+        self._say(f"[ntkdist] tile {tile.key} failed: {what}{where}")
+
+    def _say(self, line: str) -> None:
+        self.out.write(("\n" if self.bar._tty and self.bar.enabled else "") + line)
+        self.out.write("\n")
+        self.out.flush()
+
+    def _write_log(self, tile: Tile, err: BaseException) -> None:
+        if self.log is None:
+            return
+        import traceback
+
+        stamp = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+        try:
+            with open(self.log, "a") as f:
+                f.write(f"--- {stamp} tile {tile.key} (rows {tile.rows}, cols ")
+                f.write(f"{tile.cols}) failed:\n")
+                f.write("".join(traceback.format_exception(err)))
+            self.logged = True
+        except OSError:
+            pass
+
+
+def _kernel_dir(kstore: KernelStore) -> str | None:
+    """The local directory of the kernel's chunks (``None`` for object stores)."""
+    if is_url(kstore.path):
+        return None
+    return os.path.join(os.path.abspath(kstore.path), *kstore.kernel.path.split("/"))
 
 
 def _forget(runner: AbstractExecutor, spec: TileSpec) -> None:

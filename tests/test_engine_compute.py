@@ -156,7 +156,7 @@ def test_rerun_of_a_finished_job_computes_nothing(tmp_path, data, capsys):
     before = (tmp_path / "k.zarr" / "done").stat().st_mtime_ns
     ntkdist.compute(mlp, p, x1, **kw)
     err = capsys.readouterr().err
-    assert "6/6 tiles done, computing 0" in err
+    assert "6/6 tiles done, nothing to compute" in err
     assert (tmp_path / "k.zarr" / "done").stat().st_mtime_ns == before
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import signal
 import subprocess
@@ -298,6 +299,7 @@ def test_killed_worker_process_the_job_completes_right(tmp_path):
     ):
         pids = client.run(os.getpid)
         result: dict[str, Any] = {}
+        said = io.StringIO()
 
         def job():
             try:
@@ -310,7 +312,8 @@ def test_killed_worker_process_the_job_completes_right(tmp_path):
                     tile=8,
                     strategy="jacobian",
                     client=client,
-                    progress=False,
+                    progress=True,
+                    stream=said,
                 )
             except BaseException as err:  # pragma: no cover - reported below
                 result["error"] = err
@@ -337,3 +340,8 @@ def test_killed_worker_process_the_job_completes_right(tmp_path):
     np.testing.assert_allclose(
         s.kernel[...], ntkdist.ntk(mlp, p, x), rtol=1e-10, atol=1e-13
     )
+    text = said.getvalue()
+    assert "[ntkdist] a worker was lost; its tiles are computed again elsewhere" in (
+        text
+    )
+    assert "| lost workers 1" in text.splitlines()[-1]

@@ -193,7 +193,6 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 def _cmd_status(args: argparse.Namespace) -> int:
     from .._api import open as open_store
-    from ..storage import lock_path
 
     store = open_store(args.store)
     done, total = store.progress()
@@ -211,13 +210,12 @@ def _cmd_status(args: argparse.Namespace) -> int:
             )
         )
         return 0
-    lock = lock_path(store.path)
     print(f"store        {store.path}")
     print(
         f"progress     {done}/{total} tiles ({100 * done / max(1, total):.0f}%)"
         + (" complete" if done == total else "")
     )
-    print(f"lock         {'held: ' + lock if os.path.exists(lock) else 'free'}")
+    print(f"lock         {_lock_words(store.path)}")
     print(f"model        {store.spec.model_spec or store.spec.model_name}")
     print(f"fingerprint  {store.fingerprint}")
     for k, v in store.fields.items():
@@ -226,23 +224,57 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lock_words(path: str) -> str:
+    """The store's lock as ``status`` shows it."""
+    from ..storage import StoreLock, is_url
+
+    if is_url(path):
+        return "none (object store)"
+    lock = StoreLock(path)
+    state, words = lock.state()
+    if state == "free":
+        return "free"
+    if state == "held":
+        return f"held by {words} ({lock.path})"
+    if state == "dead":
+        return f"stale (holder dead): {words}; the next job takes it over"
+    return f"stale (holder silent): {words}; the next job takes it over"
+
+
 def _cmd_verify(args: argparse.Namespace) -> int:
     from .._api import open as open_store, repair
 
     store = open_store(args.store)
     holes, corrupt = store.check_tiles()
+    partial = store.partial_files()
     print(
         f"{store.path}: {store.plan.n_tiles} tiles, {len(holes)} missing, "
         f"{len(corrupt)} corrupt"
+        + (f", {len(partial)} unfinished chunk writes (*.partial)" if partial else "")
     )
+    marked = store.markers()
+    gone = [t for t in holes if marked[t.i, t.j]]
+    for t in gone[:20]:
+        print(
+            f"  missing tile {t.key} (rows {t.rows[0]}:{t.rows[1]}, "
+            f"cols {t.cols[0]}:{t.cols[1]}): marked done, its chunk file is gone"
+        )
     for t in corrupt[:20]:
         print(
             f"  corrupt tile {t.key} (rows {t.rows[0]}:{t.rows[1]}, "
             f"cols {t.cols[0]}:{t.cols[1]})"
         )
+    for f in partial[:20]:
+        print(f"  unfinished chunk write {f} (a killed job's; --repair removes it)")
     if not args.repair:
-        return EXIT_PROBLEMS if holes or corrupt else 0
+        return EXIT_PROBLEMS if holes or corrupt or partial else 0
     if not holes and not corrupt:
+        if partial:
+            from .._run import locked
+
+            with locked(store.path):
+                n = len(store.remove_partial_files())
+            print(f"removed {n} unfinished chunk write(s)")
         return 0
     spec = args.model or store.spec.model_spec
     if not spec:

@@ -40,6 +40,11 @@ def load_model(spec: str) -> tuple[Any, Any]:
                 f"MODEL file {target!r} does not exist (looked at {path}); pass an "
                 "existing Python file, e.g. models/mlp.py:make."
             )
+        # As `python file.py` does: modules beside the file are importable.
+        folder = os.path.dirname(path)
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
+        before = set(sys.modules)
         mod_name = "ntkdist_model_" + hashlib.sha1(path.encode()).hexdigest()[:12]
         loader_spec = importlib.util.spec_from_file_location(mod_name, path)
         if loader_spec is None or loader_spec.loader is None:
@@ -55,6 +60,13 @@ def load_model(spec: str) -> tuple[Any, Any]:
         import cloudpickle
 
         cloudpickle.register_pickle_by_value(module)
+        # Modules it imported from beside it travel by value too, so workers
+        # that cannot import them (another host, another path) still can run it.
+        for name_ in sorted(set(sys.modules) - before):
+            mod = sys.modules.get(name_)
+            where = getattr(mod, "__file__", None) or ""
+            if "." not in name_ and os.path.abspath(where).startswith(folder + os.sep):
+                cloudpickle.register_pickle_by_value(mod)
     else:
         try:
             module = importlib.import_module(target)
@@ -117,7 +129,17 @@ def load_input(spec: str) -> Any:
     import numpy as np
 
     if path.endswith(".npy"):
-        return np.load(path, mmap_mode="r")
+        try:
+            return np.load(path, mmap_mode="r")
+        except ValueError as err:
+            dtype = _npy_dtype(path)
+            if dtype is not None and dtype.hasobject:
+                raise InputError(
+                    f"input {spec!r} holds an array of Python objects (dtype "
+                    f"{dtype}), not numbers; save a numeric array instead, e.g. "
+                    "np.save(path, np.asarray(x, dtype=np.float32))."
+                ) from err
+            raise InputError(f"input {spec!r} cannot be read as .npy: {err}") from err
     if path.endswith(".npz"):
         with np.load(path) as data:
             keys = list(data.keys())
@@ -138,6 +160,23 @@ def load_input(spec: str) -> Any:
             f"input {spec!r} is neither .npy, .npz nor a Zarr "
             f"array ({type(err).__name__}: {err})."
         ) from err
+
+
+def _npy_dtype(path: str) -> Any:
+    """The dtype in a ``.npy`` file's header, or ``None`` if it has none."""
+    import numpy as np
+
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            return read(f)[2]
+    except Exception:
+        return None
 
 
 def _enable_x64_for(x: Any) -> None:

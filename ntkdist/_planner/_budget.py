@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from .._errors import PlanError
 from .._units import format_bytes as format_bytes, parse_bytes as parse_bytes
@@ -98,8 +99,26 @@ class CostModel:
         )
 
 
+def round_up(n: float) -> float:
+    """``n`` bytes rounded up to a whole MiB (KiB below one MiB)."""
+    unit = 1 << 20 if n >= 1 << 20 else 1 << 10
+    return math.ceil(n / unit) * unit
+
+
+def smaller_output(output: str) -> str:
+    """Advice to choose a smaller output form, where there is a smaller one."""
+    if output in ("trace", "pntk"):
+        return ""
+    return ", or choose output='trace' or 'pntk' (O² times smaller)"
+
+
 def largest_tile_within(
-    budget: float, cost: CostModel, n_max: int, *, what: str = "this job"
+    budget: float,
+    cost: CostModel,
+    n_max: int,
+    *,
+    what: str = "this job",
+    output: str = "",
 ) -> int:
     """The largest square tile side ``t <= n_max`` whose worker bytes fit ``budget``.
 
@@ -117,7 +136,9 @@ def largest_tile_within(
             f"memory_budget={format_bytes(budget)} cannot hold one 1×1 tile of "
             f"{what}: a worker needs at least {format_bytes(need)} (of which "
             f"{format_bytes(WORKER_BASELINE_BYTES)} is the JAX worker process "
-            "itself). Raise memory_budget, or choose output='trace' or 'pntk'."
+            f"itself). Raise memory_budget to at least {format_bytes(round_up(need))}"
+            + smaller_output(output)
+            + "."
         )
     lo, hi = 1, max(1, n_max)
     while lo < hi:

@@ -291,7 +291,9 @@ def make_plan(
             raise InputError(f"tile={tile}; expected a positive number of samples.")
         t = min(tile, n_max)
         if memory_budget is not None:
-            fits = largest_tile_within(memory_budget, cost, n_max, what=what)
+            fits = largest_tile_within(
+                memory_budget, cost, n_max, what=what, output=output
+            )
             if fits < t:
                 raise PlanError(
                     f"tile={tile} needs {format_bytes(cost.worker_bytes(t, t))} per "
@@ -301,7 +303,9 @@ def make_plan(
                 )
     else:
         budget = memory_budget if memory_budget is not None else math.inf
-        t = largest_tile_within(budget, cost, min(n_max, max_tile), what=what)
+        t = largest_tile_within(
+            budget, cost, min(n_max, max_tile), what=what, output=output
+        )
         while (
             t > MIN_TILE
             and _count(n1, n2, t, symmetric) < MIN_TILES_PER_WORKER * workers

@@ -11,6 +11,9 @@ from .._planner import Tile
 from ._spec import TileSpec
 
 OnDone = Callable[[Tile, tuple[int, int]], None]
+# on_event(kind, tile, error): "failed" (a tile failed for good), "lost" (its
+# worker was lost; the tile runs again elsewhere).
+OnEvent = Callable[[str, Tile, BaseException | None], None]
 
 
 class AbstractExecutor(abc.ABC):
@@ -36,6 +39,13 @@ class AbstractExecutor(abc.ABC):
         on_done: OnDone,
     ) -> list[tuple[Tile, BaseException]]:
         """Compute ``todo``; call ``on_done`` per finished tile; return failures."""
+
+    # Set by the coordinator before ``run``: told of failed tiles and lost workers.
+    on_event: OnEvent | None = None
+
+    def _event(self, kind: str, tile: Tile, err: BaseException | None) -> None:
+        if self.on_event is not None:
+            self.on_event(kind, tile, err)
 
     def __enter__(self) -> AbstractExecutor:
         """Start any resources (a cluster)."""

@@ -24,6 +24,7 @@ from distributed.scheduler import KilledWorker
 
 from .._model import Model
 from .._planner import Tile
+from ..storage._space import WriteFault
 from ._base import AbstractExecutor, OnDone
 from ._spec import TileSpec
 from ._task import ByValue, run_tile
@@ -64,7 +65,7 @@ def gpu_cluster(gpus: Sequence[str], x64: bool) -> SpecCluster:
                 "resources": {GPU_RESOURCE: 1},
                 "env": {**env, "CUDA_VISIBLE_DEVICES": dev},
                 "host": "127.0.0.1",
-                "silence_logs": logging.ERROR,
+                "silence_logs": logging.CRITICAL,
             },
         }
         for dev in gpus
@@ -76,7 +77,7 @@ def gpu_cluster(gpus: Sequence[str], x64: bool) -> SpecCluster:
     return SpecCluster(
         workers=workers,
         scheduler=scheduler,
-        silence_logs=logging.ERROR,
+        silence_logs=logging.CRITICAL,
         name="ntkdist-gpus",
     )
 
@@ -149,7 +150,9 @@ class DaskExecutor(AbstractExecutor):
                     processes=True,
                     dashboard_address=":0",
                     env=jax_worker_env(self.x64),
-                    silence_logs=logging.ERROR,
+                    # Failed tasks are reported by the coordinator, one
+                    # line per distinct error (tracebacks go to a log file).
+                    silence_logs=logging.CRITICAL,
                 )
                 self.client = Client(self._cluster)
             self._own_client = True
@@ -251,9 +254,14 @@ class DaskExecutor(AbstractExecutor):
                     err = _error_of(fut)
                 lost = err is not None and _lost(fut, err)
                 fut.release()
+                if isinstance(value, WriteFault):
+                    # Read-only or full: every other tile would fail alike.
+                    failures.append((tile, value.error()))
+                    break
                 if err is None:
                     on_done(tile, value)
                 elif lost and attempts.get(tile, 0) < LOST_RESUBMITS:
+                    self._event("lost", tile, err)
                     # The tile's worker went away (its link was cut, it was
                     # killed): tiles are idempotent, so run it again elsewhere.
                     attempts[tile] = attempts.get(tile, 0) + 1
@@ -266,6 +274,7 @@ class DaskExecutor(AbstractExecutor):
                     continue
                 else:
                     failures.append((tile, err))
+                    self._event("failed", tile, err)
                 nxt = next(pending, None)
                 if nxt is not None:
                     submit(nxt)
@@ -291,4 +300,10 @@ def _error_of(fut: Any) -> BaseException:
         err = fut.exception()
     except BaseException as e:  # cancelled futures raise here
         return e
-    return err if isinstance(err, BaseException) else RuntimeError(str(err))
+    if not isinstance(err, BaseException):
+        return RuntimeError(str(err))
+    try:  # the worker's traceback, for the job's log file
+        tb = fut.traceback()
+    except Exception:
+        tb = None
+    return err.with_traceback(tb) if tb is not None else err

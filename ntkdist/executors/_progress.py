@@ -44,6 +44,9 @@ class Progress:
         self.start = time.monotonic()
         self._last = 0.0
         self._tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.lost_workers = 0
+        self.retried = 0
+        self.failed = 0
 
     def line(self) -> str:
         """The current status line."""
@@ -53,10 +56,26 @@ class Progress:
         left = self.total - self.done
         eta = "--" if rate == 0 else _hms(left / rate)
         pct = 100.0 * self.done / max(1, self.total)
+        extra = "".join(
+            f" | {label} {n}"
+            for label, n in (
+                ("failed", self.failed),
+                ("lost workers", self.lost_workers),
+                ("retried tiles", self.retried),
+            )
+            if n
+        )
         return (
             f"[ntkdist] tiles {self.done}/{self.total} ({pct:.0f}%) | "
-            f"{rate:.2f} tiles/s | elapsed {_hms(elapsed)} | ETA {eta}"
+            f"{rate:.2f} tiles/s | elapsed {_hms(elapsed)} | ETA {eta}{extra}"
         )
+
+    def note(self, message: str) -> None:
+        """Print one line of its own (ending a terminal's status line first)."""
+        if not self.enabled:
+            return
+        self.stream.write(("\n" if self._tty else "") + message + "\n")
+        self.stream.flush()
 
     def advance(self, n: int = 1) -> None:
         """Count ``n`` more finished tiles (markers written)."""

@@ -7,6 +7,7 @@ from typing import Any, final
 
 from .._model import Model
 from .._planner import Tile
+from ..storage._space import WriteFault
 from ._base import AbstractExecutor, OnDone
 from ._spec import TileSpec
 from ._task import run_tile
@@ -49,6 +50,10 @@ class SerialExecutor(AbstractExecutor):
                 if self.raise_errors:
                     raise
                 failures.append((tile, err))
+                self._event("failed", tile, err)
                 continue
+            if isinstance(checksums, WriteFault):  # every later tile would fail too
+                failures.append((tile, checksums.error()))
+                break
             on_done(tile, checksums)
         return failures

@@ -20,6 +20,7 @@ from .._model import Model
 from .._planner import Tile
 from .._precision import matmul_precision
 from ..storage import write_tile
+from ..storage._space import WriteFault, is_fatal
 from ._blocks import open_array
 from ._factors import tile_block
 from ._spec import TileSpec
@@ -93,11 +94,24 @@ def _load(payload: ByValue | tuple[Model, Any]) -> tuple[Model, Any]:
 
 def run_tile(
     tile: Tile, spec: TileSpec, model_params: ByValue | tuple[Model, Any]
-) -> tuple[int, int]:
+) -> tuple[int, int] | WriteFault:
     """Compute one tile and write it (and its mirror); return the checksums.
 
-    Idempotent: run twice, it writes the same bytes, so retries are safe.
+    Idempotent: run twice, it writes the same bytes, so retries are safe. A
+    write error that no retry fixes (read-only, full, forbidden) is returned
+    as a :class:`WriteFault`, not raised, so it is not retried.
     """
+    try:
+        return _run_tile(tile, spec, model_params)
+    except OSError as err:
+        if is_fatal(err):
+            return WriteFault.of(err)
+        raise
+
+
+def _run_tile(
+    tile: Tile, spec: TileSpec, model_params: ByValue | tuple[Model, Any]
+) -> tuple[int, int]:
     model, params = _load(model_params)
     model = canonical_model(spec.model_key, model)
     # One tile computes at a time per process (it has every core, or the

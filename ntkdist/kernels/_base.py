@@ -24,6 +24,7 @@ from typing import Any, ClassVar, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .._model import Model
 
@@ -174,7 +175,11 @@ _symmetrize = jax.jit(symmetrize, static_argnums=(1,))
 
 def param_count(params: Any) -> int:
     """Number of scalar parameters in a pytree."""
-    return sum(int(jnp.size(v)) for v in jax.tree_util.tree_leaves(params))
+    # Leaves may be shapes only (jax.ShapeDtypeStruct), which jnp.size refuses.
+    return sum(
+        int(np.prod(getattr(v, "shape", np.shape(v))))
+        for v in jax.tree_util.tree_leaves(params)
+    )
 
 
 def forward_flops(model: Model, params: Any, x_one: jax.Array) -> float:

@@ -78,8 +78,12 @@ def rank(
         raise PlanError(
             f"memory_budget={format_bytes(memory_budget or 0)} cannot hold one "
             f"{n1}×{n2} tile of output={output!r} with any strategy (the smallest "
-            f"needs {format_bytes(need)}); raise the budget, use smaller tiles, or "
-            f"use output='trace' or 'pntk'."
+            f"needs {format_bytes(need)}); raise the budget or use smaller tiles"
+            + (
+                "."
+                if output in ("trace", "pntk")
+                else ", or use output='trace' or 'pntk'."
+            )
         )
     names = sorted(fitting, key=lambda k: (fitting[k].flops, k != "structured"))
     return names, costs, refusals

@@ -16,6 +16,7 @@ writes (a tile, its mirror, their checksums) is in :mod:`ntkdist.storage._tiles`
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -300,10 +301,13 @@ class KernelStore:
         """Re-read every marked tile and compare checksums.
 
         Returns:
-            ``(holes, corrupt)``: tiles without a marker, and marked tiles whose
-            data (or mirror) no longer matches its checksum or cannot be read.
+            ``(holes, corrupt)``: tiles without a marker or whose chunk (or
+            mirror chunk) is gone (missing), and marked tiles whose data (or
+            mirror) no longer matches its checksum or cannot be read.
         """
         m = self.markers()
+        present = self._chunk_keys()
+        tail = (0,) * (self.kernel.ndim - 2)
         holes, corrupt = [], []
         for t in self.plan.tiles():
             if m[t.i, t.j] == 0:
@@ -312,6 +316,12 @@ class KernelStore:
             blocks = [((t.i, t.j), t.rows, t.cols)]
             if t.kind == "mirror":
                 blocks.append(((t.j, t.i), t.cols, t.rows))
+            if present is not None and any(
+                self.kernel.metadata.encode_chunk_key((bi, bj, *tail)) not in present
+                for (bi, bj), _, _ in blocks
+            ):
+                holes.append(t)
+                continue
             for (bi, bj), (r0, r1), (c0, c1) in blocks:
                 try:
                     ok = checksum(np.asarray(self.kernel[r0:r1, c0:c1])) == m[bi, bj]
@@ -321,6 +331,44 @@ class KernelStore:
                     corrupt.append(t)
                     break
         return holes, corrupt
+
+    def _chunk_keys(self) -> set[str] | None:
+        """The kernel's stored chunk keys (relative to the array), if listable."""
+
+        prefix = f"{self.kernel.path}/"  # read here: not inside the event loop
+        store = self._group.store
+
+        async def keys() -> set[str]:
+            return {k[len(prefix) :] async for k in store.list_prefix(prefix)}
+
+        try:
+            return sync(keys())
+        except Exception:
+            return None
+
+    def partial_files(self) -> list[str]:
+        """Temporary files of chunk writes that never finished (a killed job).
+
+        A chunk write (the direct writer's or zarr's own) goes to
+        ``<chunk>.<id>.partial`` and is renamed into place when whole; one
+        killed mid-write leaves that file behind. Only local stores have them.
+        """
+        if is_url(self.path):
+            return []
+        root = _local(self.path)
+        found = []
+        for here, _, files in os.walk(root):
+            found += [os.path.join(here, f) for f in files if f.endswith(".partial")]
+        return sorted(found)
+
+    def remove_partial_files(self) -> list[str]:
+        """Delete :meth:`partial_files` (lock held); return the files removed."""
+        gone = []
+        for f in self.partial_files():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f)
+                gone.append(f)
+        return gone
 
     def clear_tiles(self, tiles: Iterable[Tile]) -> None:
         """Delete the markers and chunks of ``tiles`` so they are recomputed."""
@@ -338,7 +386,8 @@ class KernelStore:
                 )
         store = self._group.store
         for key in keys:
-            sync(store.delete(key))
+            with contextlib.suppress(FileNotFoundError):
+                sync(store.delete(key))
 
 
 def json_plan(plan: Plan) -> dict[str, Any]:
