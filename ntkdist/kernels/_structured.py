@@ -349,7 +349,8 @@ class StructuredDerivatives(AbstractKernelStrategy):
 
     def factors(self, model: Model, params: Any, x: jax.Array, output: str) -> Any:
         """Gram factors ``(act[n,B,T,C], delta[n,o,B,T,F])`` per gram weight, and
-        Jacobian rows ``[n, o, P_rows]`` for every other parameter."""
+        Jacobian rows ``[n, o, P]``: one array per rows weight (never concatenated,
+        which would copy the largest factors) and one for all fallback leaves."""
         an = analysis_for(model, params, x)
         groups, fb = self.groups(model, params, x, output)
         leaves = jax.tree_util.tree_leaves(params)
@@ -384,8 +385,8 @@ class StructuredDerivatives(AbstractKernelStrategy):
         """Sum of every gram weight's share and the rows' ``J1 J2ᵀ``."""
         (grams1, rows1), (grams2, rows2) = f1, f2
         parts = []
-        if rows1 is not None:
-            parts.append(contract_rows_work(rows1, rows2, output))
+        for r1, r2 in zip(rows1, rows2, strict=True):  # one GEMM per weight:
+            parts.append(contract_rows_work(r1, r2, output))  # no concatenated copy
         for (a1, d1), (a2, d2) in zip(grams1, grams2, strict=True):
             parts.append(_gram_contract(a1, d1, a2, d2, output))
         return from_work(sum(parts[1:], parts[0]), output)
@@ -453,7 +454,7 @@ def _sample_factors(
     scales: dict[int, Any],
     deltas: dict[int, jax.Array],
     dfb: Sequence[jax.Array],
-) -> tuple[list[tuple[jax.Array, jax.Array]], jax.Array | None]:
+) -> tuple[list[tuple[jax.Array, jax.Array]], list[jax.Array]]:
     grams = []
     rows = []
     for g in groups:
@@ -479,8 +480,9 @@ def _sample_factors(
         if deltas
         else (dfb[0].shape[0] if dfb else 1)
     )
-    rows.extend(v.reshape(o, -1) for v in dfb)
-    return grams, (jnp.concatenate(rows, axis=1) if rows else None)
+    if dfb:  # explicit Jacobian rows of small leaves: one array
+        rows.append(jnp.concatenate([v.reshape(o, -1) for v in dfb], axis=1))
+    return grams, rows
 
 
 def _to_weight_layout(
