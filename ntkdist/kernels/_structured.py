@@ -296,7 +296,10 @@ def _group_costs(
     b, c, f = lays[0].b, lays[0].c, lays[0].f
     t = sum(lay.t for lay in lays)
     pairs = _pairs(output, o)
-    gram = 2.0 * b * t * t * c + pairs * (2.0 * b * t * t * f + 2.0 * b * t * t)
+    if output == "full":  # contract t first (O·T²·F), then (u, f) (O²·T·F)
+        gram = 2.0 * b * t * t * c + 2.0 * b * o * t * f * (t + o)
+    else:
+        gram = 2.0 * b * t * t * c + pairs * (2.0 * b * t * t * f + 2.0 * b * t * t)
     return gram, rows
 
 
@@ -523,9 +526,44 @@ def _gram_contract(
         if output == "trace":
             return ga * (e1.reshape(n1, -1) @ e2.reshape(n2, -1).T) / o
         return ga[None] * jnp.einsum("iaf,jaf->aij", e1, e2)
-    ga = jnp.einsum("ibtc,jbuc->ijbtu", a1, a2)
+    n1 = a1.shape[0]
+    k = max(1, int(_GRAM_BLOCK_BYTES // _gram_bytes_per_row(a1, d1, a2, output)))
+    if k >= n1:
+        return _gram_block(a1, d1, a2, d2, output)
+
+    def one(ad: tuple[jax.Array, jax.Array]) -> jax.Array:
+        r = _gram_block(ad[0][None], ad[1][None], a2, d2, output)
+        return r[:, 0] if output == "diagonal" else r[0]
+
+    # Rows of the tile in blocks of k, so the intermediates stay bounded.
+    out = lax.map(one, (a1, d1), batch_size=k)
+    return out.transpose(1, 0, 2) if output == "diagonal" else out
+
+
+# The gram rule's intermediates grow as N1·N2·T²: contract in blocks of
+# rows of the tile so that they stay under this size.
+_GRAM_BLOCK_BYTES = 256 * 2**20
+
+
+def _gram_bytes_per_row(a1: Any, d1: Any, a2: Any, output: str) -> float:
+    """Bytes of ``_gram_block``'s intermediates per row ``i`` of the tile."""
+    n2, b, t1, t2 = a2.shape[0], a2.shape[1], a1.shape[2], a2.shape[2]
+    o, f = d1.shape[1], d1.shape[-1]
+    ga = n2 * b * t1 * t2
     if output == "full":
-        return jnp.einsum("ijbtu,iabtf,jcbuf->iajc", ga, d1, d2)
+        x = n2 * o * b * t2 * f
+    else:
+        x = n2 * b * t1 * t2 * (o if output == "diagonal" else 1)
+    return float((ga + x) * jnp.dtype(d1.dtype).itemsize)
+
+
+def _gram_block(
+    a1: jax.Array, d1: jax.Array, a2: jax.Array, d2: jax.Array, output: str
+) -> jax.Array:
+    ga = jnp.einsum("ibtc,jbuc->ijbtu", a1, a2)
+    if output == "full":  # t first, then (b, u, f): O·T²·F + O²·T·F per pair
+        x = jnp.einsum("ijbtu,iabtf->ijabuf", ga, d1)
+        return jnp.einsum("ijabuf,jcbuf->iajc", x, d2)
     if output == "pntk":
         return jnp.einsum("ijbtu,ibtf,jbuf->ij", ga, d1[:, 0], d2[:, 0])
     if output == "trace":
