@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 from collections.abc import Sequence
 from typing import Any, final
@@ -157,24 +158,45 @@ def _canon_act(use: _walk.Use, act: jax.Array) -> jax.Array:
         af = [d for d in range(act.ndim) if d not in ac + ab]
         lay = _layout(use)
         return act.transpose(*ab_s, *af, *ac_s).reshape(lay.b, lay.t, lay.c)
+    patches = _conv_patches(use, act)  # [1, C, K, *out_spatial]
+    nsp = patches.ndim - 3
+    perm = (0, *range(3, 3 + nsp), 1, 2)
+    return patches.transpose(perm).reshape(1, -1, patches.shape[1] * patches.shape[2])
+
+
+def _conv_patches(use: _walk.Use, act: jax.Array) -> jax.Array:
+    """One sample's convolution patches ``[1, C, K, *out]`` by pad and strided slices.
+
+    ``C`` runs over the input features, ``K`` over the filter's spatial offsets
+    (in the weight's spatial axis order, row-major), and the output's spatial
+    axes are in the convolution's logical order. Only copies: exact at any
+    precision, and no one-hot convolution.
+    """
     p = use.params
     dn = p["dimension_numbers"]
+    lhs_spec = dn.lhs_spec
+    x = act.transpose(lhs_spec)  # [N, C, *spatial] in logical order
     filt = [use.weight_shape[d] for d in dn.rhs_spec[2:]]
-    patches = lax.conv_general_dilated_patches(
-        act,
-        filt,
-        p["window_strides"],
-        p["padding"],
-        p["lhs_dilation"],
-        p["rhs_dilation"],
-        dn,
-        # Patches are a one-hot convolution: a copy, exact only in float32
-        # (a reduced precision would round every activation it moves).
-        precision=lax.Precision.HIGHEST,
-    )
-    out_spec = dn.out_spec
-    c = patches.shape[out_spec[1]]
-    return patches.transpose(out_spec[0], *out_spec[2:], out_spec[1]).reshape(1, -1, c)
+    out_sp = [use.out_shape[d] for d in dn.out_spec[2:]]
+    strides = p["window_strides"]
+    lhs_dil = p["lhs_dilation"] or (1,) * len(filt)
+    rhs_dil = p["rhs_dilation"] or (1,) * len(filt)
+    pad = p["padding"]
+    zero = jnp.zeros((), x.dtype)
+    cfg = [(0, 0, 0), (0, 0, 0)] + [
+        (int(lo), int(hi), int(d) - 1) for (lo, hi), d in zip(pad, lhs_dil, strict=True)
+    ]
+    x = lax.pad(x, zero, cfg)
+    n, c = x.shape[:2]
+    slices = []
+    for offs in itertools.product(*(range(k) for k in filt)):
+        start = [0, 0] + [o * d for o, d in zip(offs, rhs_dil, strict=True)]
+        limit = [n, c] + [
+            st + (m - 1) * s + 1
+            for st, m, s in zip(start[2:], out_sp, strides, strict=True)
+        ]
+        slices.append(lax.slice(x, start, limit, (1, 1, *strides)))
+    return jnp.stack(slices, axis=2)
 
 
 def _canon_delta(use: _walk.Use, delta: jax.Array) -> jax.Array:
@@ -204,8 +226,46 @@ def _canon_delta(use: _walk.Use, delta: jax.Array) -> jax.Array:
     return delta.transpose(perm).reshape(o, 1, lay.t, lay.f)
 
 
+def _rows_order(use: _walk.Use) -> tuple[int, ...]:
+    """The weight axes in the order ``_weight_rows`` lays them out."""
+    if use.primitive == "conv_general_dilated":
+        if use.params["batch_group_count"] != 1:
+            return tuple(range(len(use.weight_shape)))
+        return tuple(use.params["dimension_numbers"].rhs_spec)
+    wc, _, wb, _ = _dot_axes(use)
+    wf = [d for d in range(len(use.weight_shape)) if d not in wc + wb]
+    return (*sorted(wb), *wf, *sorted(wc))
+
+
 def _weight_rows(use: _walk.Use, act: jax.Array, delta: jax.Array) -> jax.Array:
-    """One sample's gradient of the weight for each cotangent: ``[o, P]``."""
+    """One sample's gradient of the weight for each cotangent: ``[o, P]``.
+
+    ``Σ_t act_t ⊗ δ_{o,t}`` as one matrix product (batched over samples by
+    ``vmap``), with the weight's axes in ``_rows_order(use)``: a convolution's
+    from its patches, a ``dot_general``'s from its canonical operands.
+    """
+    o = delta.shape[0]
+    if use.primitive == "dot_general":
+        a = _canon_act(use, act)  # [B, T, C]
+        d = _canon_delta(use, delta)  # [o, B, T, F]
+        return jnp.einsum("obtf,btc->obfc", d, a).reshape(o, -1)
+    p = use.params
+    if p["batch_group_count"] != 1:
+        return _vjp_rows(use, act, delta)
+    g = p["feature_group_count"]
+    patches = _conv_patches(use, act)  # [1, C, K, *out]
+    c, k = patches.shape[1], patches.shape[2]
+    a = patches.reshape(g, (c // g) * k, -1)  # [G, Cg·K, T]
+    d = _canon_delta(use, delta)  # [o, 1, T, F]
+    f = d.shape[-1]
+    d = d.reshape(o, -1, g, f // g)  # [o, T, G, Fg]
+    if g == 1:
+        return jnp.einsum("otf,ct->ofc", d[:, :, 0], a[0]).reshape(o, -1)
+    return jnp.einsum("otgf,gct->ogfc", d, a).reshape(o, -1)
+
+
+def _vjp_rows(use: _walk.Use, act: jax.Array, delta: jax.Array) -> jax.Array:
+    """Weight rows by a per-sample ``vjp`` of the use (the weight's own layout)."""
 
     def fwd(w: jax.Array) -> jax.Array:
         ops = (w, act) if use.weight_pos == 0 else (act, w)
@@ -272,7 +332,10 @@ def _group_costs(
     b, c, f = lays[0].b, lays[0].c, lays[0].f
     t = sum(lay.t for lay in lays)
     pairs = _pairs(output, o)
-    gram = 2.0 * b * t * t * c + pairs * (2.0 * b * t * t * f + 2.0 * b * t * t)
+    if output == "full":  # contract t first (O·T²·F), then (u, f) (O²·T·F)
+        gram = 2.0 * b * t * t * c + 2.0 * b * o * t * f * (t + o)
+    else:
+        gram = 2.0 * b * t * t * c + pairs * (2.0 * b * t * t * f + 2.0 * b * t * t)
     return gram, rows
 
 
@@ -325,7 +388,8 @@ class StructuredDerivatives(AbstractKernelStrategy):
 
     def factors(self, model: Model, params: Any, x: jax.Array, output: str) -> Any:
         """Gram factors ``(act[n,B,T,C], delta[n,o,B,T,F])`` per gram weight, and
-        Jacobian rows ``[n, o, P_rows]`` for every other parameter."""
+        Jacobian rows ``[n, o, P]``: one array per rows weight (never concatenated,
+        which would copy the largest factors) and one for all fallback leaves."""
         an = analysis_for(model, params, x)
         groups, fb = self.groups(model, params, x, output)
         leaves = jax.tree_util.tree_leaves(params)
@@ -362,8 +426,8 @@ class StructuredDerivatives(AbstractKernelStrategy):
         """Sum of every gram weight's share and the rows' ``J1 J2ᵀ``."""
         (grams1, rows1), (grams2, rows2) = f1, f2
         parts = []
-        if rows1 is not None:
-            parts.append(contract_rows_work(rows1, rows2, output))
+        for r1, r2 in zip(rows1, rows2, strict=True):  # one GEMM per weight:
+            parts.append(contract_rows_work(r1, r2, output))  # no concatenated copy
         for (a1, d1), (a2, d2) in zip(grams1, grams2, strict=True):
             parts.append(_gram_contract(a1, d1, a2, d2, output))
         return from_work(sum(parts[1:], parts[0]), output)
@@ -431,7 +495,7 @@ def _sample_factors(
     scales: dict[int, Any],
     deltas: dict[int, jax.Array],
     dfb: Sequence[jax.Array],
-) -> tuple[list[tuple[jax.Array, jax.Array]], jax.Array | None]:
+) -> tuple[list[tuple[jax.Array, jax.Array]], list[jax.Array]]:
     grams = []
     rows = []
     for g in groups:
@@ -454,14 +518,28 @@ def _sample_factors(
                 )
                 for u in g.uses
             ]
+            orders = [_rows_order(u) for u in g.uses]
+            if len(set(orders)) > 1:  # mixed layouts: each in the weight's own
+                r = [_to_weight_layout(v, u, k) for v, u, k in zip(r, g.uses, orders)]
             rows.append(sum(r[1:], r[0]))
     o = (
         next(iter(deltas.values())).shape[0]
         if deltas
         else (dfb[0].shape[0] if dfb else 1)
     )
-    rows.extend(v.reshape(o, -1) for v in dfb)
-    return grams, (jnp.concatenate(rows, axis=1) if rows else None)
+    if dfb:  # explicit Jacobian rows of small leaves: one array
+        rows.append(jnp.concatenate([v.reshape(o, -1) for v in dfb], axis=1))
+    return grams, rows
+
+
+def _to_weight_layout(
+    rows: jax.Array, use: _walk.Use, order: tuple[int, ...]
+) -> jax.Array:
+    """Rows ``[o, P]`` laid out in ``order`` of the weight's axes, in its own order."""
+    o = rows.shape[0]
+    shaped = rows.reshape(o, *(use.weight_shape[d] for d in order))
+    inv = [order.index(d) for d in range(len(order))]
+    return shaped.transpose(0, *(1 + i for i in inv)).reshape(o, -1)
 
 
 def _probe_shape(use: _walk.Use) -> tuple[int, ...]:
@@ -496,9 +574,44 @@ def _gram_contract(
         if output == "trace":
             return ga * (e1.reshape(n1, -1) @ e2.reshape(n2, -1).T) / o
         return ga[None] * jnp.einsum("iaf,jaf->aij", e1, e2)
-    ga = jnp.einsum("ibtc,jbuc->ijbtu", a1, a2)
+    n1 = a1.shape[0]
+    k = max(1, int(_GRAM_BLOCK_BYTES // _gram_bytes_per_row(a1, d1, a2, output)))
+    if k >= n1:
+        return _gram_block(a1, d1, a2, d2, output)
+
+    def one(ad: tuple[jax.Array, jax.Array]) -> jax.Array:
+        r = _gram_block(ad[0][None], ad[1][None], a2, d2, output)
+        return r[:, 0] if output == "diagonal" else r[0]
+
+    # Rows of the tile in blocks of k, so the intermediates stay bounded.
+    out = lax.map(one, (a1, d1), batch_size=k)
+    return out.transpose(1, 0, 2) if output == "diagonal" else out
+
+
+# The gram rule's intermediates grow as N1·N2·T²: contract in blocks of
+# rows of the tile so that they stay under this size.
+_GRAM_BLOCK_BYTES = 256 * 2**20
+
+
+def _gram_bytes_per_row(a1: Any, d1: Any, a2: Any, output: str) -> float:
+    """Bytes of ``_gram_block``'s intermediates per row ``i`` of the tile."""
+    n2, b, t1, t2 = a2.shape[0], a2.shape[1], a1.shape[2], a2.shape[2]
+    o, f = d1.shape[1], d1.shape[-1]
+    ga = n2 * b * t1 * t2
     if output == "full":
-        return jnp.einsum("ijbtu,iabtf,jcbuf->iajc", ga, d1, d2)
+        x = n2 * o * b * t2 * f
+    else:
+        x = n2 * b * t1 * t2 * (o if output == "diagonal" else 1)
+    return float((ga + x) * jnp.dtype(d1.dtype).itemsize)
+
+
+def _gram_block(
+    a1: jax.Array, d1: jax.Array, a2: jax.Array, d2: jax.Array, output: str
+) -> jax.Array:
+    ga = jnp.einsum("ibtc,jbuc->ijbtu", a1, a2)
+    if output == "full":  # t first, then (b, u, f): O·T²·F + O²·T·F per pair
+        x = jnp.einsum("ijbtu,iabtf->ijabuf", ga, d1)
+        return jnp.einsum("ijabuf,jcbuf->iajc", x, d2)
     if output == "pntk":
         return jnp.einsum("ijbtu,ibtf,jbuf->ij", ga, d1[:, 0], d2[:, 0])
     if output == "trace":

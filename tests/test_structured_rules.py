@@ -1,0 +1,212 @@
+"""Float64 checks of the structured strategy's per-layer rules on layouts the zoo
+does not reach: strided, padded, dilated, transposed, grouped, 1-D and 3-D
+convolutions, and a weight shared between uses of different layouts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax import lax
+
+import ntkdist
+from ntkdist._model import Model
+from ntkdist.kernels import StructuredDerivatives
+from ntkdist.testing import assert_kernel_close, reduce_full, reference_ntk
+
+MODES = ["rows", "gram", "auto"]
+
+
+def _normal(seed: int, shape: tuple[int, ...], scale: float = 0.4) -> jax.Array:
+    key = jax.random.PRNGKey(seed)
+    return scale * jax.random.normal(key, shape, dtype=jnp.float64)
+
+
+def conv_strided(p: Any, x: jax.Array) -> jax.Array:
+    """NHWC: stride, asymmetric padding, filter and input (transposed) dilation."""
+    h = lax.conv_general_dilated(
+        x,
+        p["c1"],
+        (2, 1),
+        ((1, 2), (0, 1)),
+        lhs_dilation=(1, 2),
+        rhs_dilation=(1, 2),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
+    h = jnp.tanh(h + p["b1"])
+    h = lax.conv_general_dilated(
+        h, p["c2"], (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    return jnp.sin(h).reshape(h.shape[0], -1) @ p["head"]
+
+
+def _conv_strided_case() -> tuple[Any, ...]:
+    p = {
+        "c1": _normal(1, (3, 2, 2, 4)),
+        "b1": _normal(2, (4,)),
+        "c2": _normal(3, (2, 3, 4, 3)),
+        "head": _normal(4, (18, 3)),
+    }
+    return conv_strided, p, _normal(5, (5, 6, 4, 2), 1.0), _normal(6, (3, 6, 4, 2), 1.0)
+
+
+def conv_grouped_nchw(p: Any, x: jax.Array) -> jax.Array:
+    """NCHW/OIHW and CHWN-style layouts, two groups, stride and dilation."""
+    h = lax.conv_general_dilated(
+        x,
+        p["c1"],
+        (1, 2),
+        ((1, 1), (2, 0)),
+        rhs_dilation=(2, 1),
+        feature_group_count=2,
+        dimension_numbers=("NCHW", "OIHW", "NCHW"),
+    )
+    h = jnp.tanh(h)
+    h = lax.conv_general_dilated(
+        h,
+        p["c2"],
+        (1, 1),
+        "VALID",
+        feature_group_count=3,
+        dimension_numbers=("NCHW", "IHWO", "NHWC"),
+    )
+    return jnp.cos(h).reshape(h.shape[0], -1) @ p["head"]
+
+
+def _conv_grouped_case() -> tuple[Any, ...]:
+    p = {
+        "c1": _normal(11, (6, 2, 3, 2)),  # O=6, I=4/2 groups
+        "c2": _normal(12, (2, 2, 2, 6)),  # IHWO: I=6/3 groups, O=6
+        "head": _normal(13, (2 * 3 * 6, 2)),
+    }
+    x1, x2 = _normal(14, (4, 4, 5, 6), 1.0), _normal(15, (3, 4, 5, 6), 1.0)
+    return conv_grouped_nchw, p, x1, x2
+
+
+def conv_1d_3d(p: Any, x: jax.Array) -> jax.Array:
+    """A 1-D convolution (NWC) feeding a 3-D one (NCDHW) through a reshape."""
+    n = x.shape[0]
+    h = lax.conv_general_dilated(
+        x, p["c1"], (2,), ((1, 1),), dimension_numbers=("NWC", "WIO", "NWC")
+    )  # [n, 8, 4]
+    h = jnp.tanh(h).transpose(0, 2, 1).reshape(n, 4, 2, 2, 2)
+    h = lax.conv_general_dilated(
+        h,
+        p["c2"],
+        (1, 1, 1),
+        ((1, 0), (0, 1), (1, 1)),
+        dimension_numbers=("NCDHW", "OIDHW", "NCDHW"),
+    )
+    return jnp.tanh(h).reshape(n, -1) @ p["head"]
+
+
+def _conv_1d_3d_case() -> tuple[Any, ...]:
+    p = {
+        "c1": _normal(21, (3, 3, 4)),
+        "c2": _normal(22, (3, 4, 2, 2, 2)),
+        "head": _normal(23, (3 * 2 * 2 * 3, 2)),
+    }
+    return conv_1d_3d, p, _normal(24, (4, 16, 3), 1.0), _normal(25, (3, 16, 3), 1.0)
+
+
+def conv_shared(p: Any, x: jax.Array) -> jax.Array:
+    """One kernel used three times: twice as HWIO, once read as HWOI."""
+    dn = ("NHWC", "HWIO", "NHWC")
+    h = jnp.tanh(lax.conv_general_dilated(x, p["w"], (1, 1), "SAME", dimension_numbers=dn))
+    h = jnp.tanh(lax.conv_general_dilated(h, p["w"], (2, 2), "SAME", dimension_numbers=dn))
+    h = lax.conv_general_dilated(
+        h, p["w"], (1, 1), "VALID", dimension_numbers=("NHWC", "HWOI", "NHWC")
+    )
+    return jnp.sin(h).reshape(h.shape[0], -1) @ p["head"]
+
+
+def _conv_shared_case() -> tuple[Any, ...]:
+    p = {"w": _normal(31, (2, 2, 3, 3), 0.6), "head": _normal(32, (2 * 2 * 3, 3))}
+    return conv_shared, p, _normal(33, (4, 5, 5, 3), 1.0), _normal(34, (3, 5, 5, 3), 1.0)
+
+
+def conv_shared_same(p: Any, x: jax.Array) -> jax.Array:
+    """One kernel used twice in the same layout (every use takes the same rule)."""
+    dn = ("NHWC", "HWIO", "NHWC")
+    h = jnp.tanh(lax.conv_general_dilated(x, p["w"], (1, 1), "SAME", dimension_numbers=dn))
+    h = lax.conv_general_dilated(h, p["w"], (2, 2), "SAME", dimension_numbers=dn)
+    return jnp.sin(h).reshape(h.shape[0], -1) @ p["head"]
+
+
+def _conv_shared_same_case() -> tuple[Any, ...]:
+    p = {"w": _normal(41, (3, 3, 3, 3), 0.5), "head": _normal(42, (3 * 3 * 3, 2))}
+    return conv_shared_same, p, _normal(43, (4, 5, 5, 3), 1.0), _normal(44, (3, 5, 5, 3), 1.0)
+
+
+def dense_batched(p: Any, x: jax.Array) -> jax.Array:
+    """``dot_general`` with the weight on the left, transposed, and batched."""
+    h = jnp.tanh(jnp.einsum("oc,ntc->nto", p["w1"], x))  # weight is lhs
+    h = jnp.tanh(jnp.einsum("nto,tof->ntf", h, p["w2"]))  # weight batch axis t
+    return h.reshape(h.shape[0], -1) @ p["head"]
+
+
+def _dense_batched_case() -> tuple[Any, ...]:
+    p = {
+        "w1": _normal(51, (4, 3)),
+        "w2": _normal(52, (5, 4, 2)),
+        "head": _normal(53, (10, 3)),
+    }
+    return dense_batched, p, _normal(54, (4, 5, 3), 1.0), _normal(55, (3, 5, 3), 1.0)
+
+
+CASES = {
+    "conv_strided": _conv_strided_case,
+    "conv_grouped": _conv_grouped_case,
+    "conv_1d_3d": _conv_1d_3d_case,
+    "conv_shared": _conv_shared_case,
+    "conv_shared_same": _conv_shared_same_case,
+    "dense_batched": _dense_batched_case,
+}
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def case(request):
+    f, p, x1, x2 = CASES[request.param]()
+    return f, p, x1, x2, reference_ntk(f, p, x1, x2, "full")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_rules_match_reference(case, mode):
+    f, p, x1, x2, full = case
+    strategy = StructuredDerivatives(mode=mode)
+    for out in ("full", "trace", "pntk"):
+        k = ntkdist.ntk(f, p, x1, x2, output=out, strategy=strategy)
+        assert_kernel_close(k, reduce_full(full, out), rtol=1e-8)
+
+
+def test_convolutions_take_rules():
+    """Every convolution kernel above gets a rule (no explicit-Jacobian fallback)."""
+    for name in ("conv_strided", "conv_grouped", "conv_1d_3d", "conv_shared"):
+        f, p, x1, _ = CASES[name]()
+        for mode in ("rows", "auto"):
+            groups, _ = StructuredDerivatives(mode=mode).groups(
+                Model(f), p, x1, "full"
+            )
+            paths = [
+                jax.tree_util.keystr(k)
+                for k, _ in jax.tree_util.tree_flatten_with_path(p)[0]
+            ]
+            covered = {paths[g.leaf] for g in groups}
+            convs = {q for q in paths if q.startswith(("['c", "['w"))}
+            assert convs <= covered, (name, mode, convs - covered)
+
+
+@pytest.mark.parametrize("name", ["conv_shared_same", "dense_batched", "conv_strided"])
+def test_gram_in_row_blocks_matches_reference(monkeypatch, name):
+    """The gram rule contracted in blocks of tile rows (``lax.map``) is exact."""
+    from ntkdist.kernels import _structured
+
+    monkeypatch.setattr(_structured, "_GRAM_BLOCK_BYTES", 1)  # one row per block
+    f, p, x1, x2 = CASES[name]()
+    full = reference_ntk(f, p, x1, x2, "full")
+    strategy = StructuredDerivatives(mode="gram", nominal_tile=17)  # a fresh trace
+    for out in ("full", "trace", "diagonal", "pntk"):
+        k = ntkdist.ntk(f, p, x1, x2, output=out, strategy=strategy)
+        assert_kernel_close(k, reduce_full(full, out), rtol=1e-8)
