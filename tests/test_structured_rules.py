@@ -114,8 +114,12 @@ def _conv_1d_3d_case() -> tuple[Any, ...]:
 def conv_shared(p: Any, x: jax.Array) -> jax.Array:
     """One kernel used three times: twice as HWIO, once read as HWOI."""
     dn = ("NHWC", "HWIO", "NHWC")
-    h = jnp.tanh(lax.conv_general_dilated(x, p["w"], (1, 1), "SAME", dimension_numbers=dn))
-    h = jnp.tanh(lax.conv_general_dilated(h, p["w"], (2, 2), "SAME", dimension_numbers=dn))
+    h = jnp.tanh(
+        lax.conv_general_dilated(x, p["w"], (1, 1), "SAME", dimension_numbers=dn)
+    )
+    h = jnp.tanh(
+        lax.conv_general_dilated(h, p["w"], (2, 2), "SAME", dimension_numbers=dn)
+    )
     h = lax.conv_general_dilated(
         h, p["w"], (1, 1), "VALID", dimension_numbers=("NHWC", "HWOI", "NHWC")
     )
@@ -124,20 +128,32 @@ def conv_shared(p: Any, x: jax.Array) -> jax.Array:
 
 def _conv_shared_case() -> tuple[Any, ...]:
     p = {"w": _normal(31, (2, 2, 3, 3), 0.6), "head": _normal(32, (2 * 2 * 3, 3))}
-    return conv_shared, p, _normal(33, (4, 5, 5, 3), 1.0), _normal(34, (3, 5, 5, 3), 1.0)
+    return (
+        conv_shared,
+        p,
+        _normal(33, (4, 5, 5, 3), 1.0),
+        _normal(34, (3, 5, 5, 3), 1.0),
+    )
 
 
 def conv_shared_same(p: Any, x: jax.Array) -> jax.Array:
     """One kernel used twice in the same layout (every use takes the same rule)."""
     dn = ("NHWC", "HWIO", "NHWC")
-    h = jnp.tanh(lax.conv_general_dilated(x, p["w"], (1, 1), "SAME", dimension_numbers=dn))
+    h = jnp.tanh(
+        lax.conv_general_dilated(x, p["w"], (1, 1), "SAME", dimension_numbers=dn)
+    )
     h = lax.conv_general_dilated(h, p["w"], (2, 2), "SAME", dimension_numbers=dn)
     return jnp.sin(h).reshape(h.shape[0], -1) @ p["head"]
 
 
 def _conv_shared_same_case() -> tuple[Any, ...]:
     p = {"w": _normal(41, (3, 3, 3, 3), 0.5), "head": _normal(42, (3 * 3 * 3, 2))}
-    return conv_shared_same, p, _normal(43, (4, 5, 5, 3), 1.0), _normal(44, (3, 5, 5, 3), 1.0)
+    return (
+        conv_shared_same,
+        p,
+        _normal(43, (4, 5, 5, 3), 1.0),
+        _normal(44, (3, 5, 5, 3), 1.0),
+    )
 
 
 def dense_batched(p: Any, x: jax.Array) -> jax.Array:
@@ -186,9 +202,7 @@ def test_convolutions_take_rules():
     for name in ("conv_strided", "conv_grouped", "conv_1d_3d", "conv_shared"):
         f, p, x1, _ = CASES[name]()
         for mode in ("rows", "auto"):
-            groups, _ = StructuredDerivatives(mode=mode).groups(
-                Model(f), p, x1, "full"
-            )
+            groups, _ = StructuredDerivatives(mode=mode).groups(Model(f), p, x1, "full")
             paths = [
                 jax.tree_util.keystr(k)
                 for k, _ in jax.tree_util.tree_flatten_with_path(p)[0]

@@ -520,7 +520,10 @@ def _sample_factors(
             ]
             orders = [_rows_order(u) for u in g.uses]
             if len(set(orders)) > 1:  # mixed layouts: each in the weight's own
-                r = [_to_weight_layout(v, u, k) for v, u, k in zip(r, g.uses, orders)]
+                r = [
+                    _to_weight_layout(v, u, k)
+                    for v, u, k in zip(r, g.uses, orders, strict=True)
+                ]
             rows.append(sum(r[1:], r[0]))
     o = (
         next(iter(deltas.values())).shape[0]
