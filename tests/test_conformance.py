@@ -49,7 +49,16 @@ def test_default_call(model):
     assert len(report.checks) == 2
 
 
+@pytest.fixture
+def _fresh_compilation_caches():
+    """The full matrix compiles thousands of programs in one process: drop them
+    after each model so its memory stays bounded."""
+    yield
+    jax.clear_caches()
+
+
 @pytest.mark.slow
+@pytest.mark.usefixtures("_fresh_compilation_caches")
 @pytest.mark.parametrize("model", sorted(MODELS))
 def test_every_strategy_every_output(model):
     f, p, x1, x2 = MODELS[model]()
