@@ -1,7 +1,7 @@
 """Every model of both zoos passes the strategy-conformance kit; the kit catches errors.
 
-The default run checks ``auto`` (the default call) on the full kernel,
-rectangular and symmetric, for every model of the framework zoo; ``--run-slow``
+The default run checks ``auto`` (the default call) on the rectangular full
+kernel for every model of the framework zoo; ``--run-slow``
 checks every strategy × every output form on both zoos. ``jacobian`` and
 ``auto`` may never refuse a model; ``ntvp`` and ``structured`` may refuse with a
 ``ModelError``.
@@ -40,13 +40,21 @@ MAY_REFUSE = ("ntvp", "structured")  # explicit strategies; jacobian and auto ma
 
 @pytest.mark.parametrize("model", sorted(ZOO_REAL))
 def test_default_call(model):
-    """``ntk(f, p, x1[, x2])`` as a user calls it, on every framework-built and
-    custom-rule model (the first zoo's default calls are in test_kernels.py)."""
+    """``ntk(f, p, x1, x2)`` as a user calls it, on every framework-built and
+    custom-rule model (the first zoo's default calls are in test_kernels.py; the
+    symmetric form of every model is in the slow matrix)."""
     f, p, x1, x2 = ZOO_REAL[model]()
     report = check_strategy_conformance(
-        f, p, x1, x2, strategies=("auto",), outputs=("full",), integer_inputs=True
+        f,
+        p,
+        x1,
+        x2,
+        strategies=("auto",),
+        outputs=("full",),
+        symmetric=False,
+        integer_inputs=True,
     )
-    assert len(report.checks) == 2
+    assert len(report.checks) == 1
 
 
 @pytest.fixture
