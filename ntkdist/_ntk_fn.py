@@ -25,10 +25,9 @@ from ._precision import (
     matmul_precision,
 )
 from ._units import parse_bytes
-from .kernels import STRATEGIES, AbstractKernelStrategy, get
+from .kernels import AbstractKernelStrategy
 from .kernels._base import _symmetrize, _tile
-from .kernels._choose import rank
-from .kernels._support import all_refused, is_failure_to_trace, refusal
+from .kernels._choose import run_first
 
 KernelFn = Callable[..., jax.Array]
 
@@ -98,7 +97,7 @@ def ntk_fn(
     cache: dict[tuple[Any, ...], AbstractKernelStrategy] = {}
     lock = threading.Lock()
 
-    def prepare(params: Any, x1: Any, x2: Any) -> list[AbstractKernelStrategy]:
+    def prepare(params: Any, x1: Any, x2: Any) -> None:
         concrete = _concrete(params, x1, x2)
         if concrete:
             _inputs.check_params(params, check_finite=check_finite)
@@ -114,7 +113,6 @@ def ntk_fn(
         _inputs.check_model(
             model, params, x1, independence=check_independence and concrete
         )
-        return _candidates(model, params, x1, x2, output, strategy, budget)
 
     def run(strategy: AbstractKernelStrategy, params: Any, x1: Any, x2: Any) -> Any:
         k = _tile(strategy, model, output, params, x1, x2)
@@ -129,39 +127,18 @@ def ntk_fn(
             if chosen is not None:
                 return run(chosen, params, x1, x2)
             with lock:
-                refusals: dict[str, Any] = {}
-                for cand in prepare(params, x1, x2):
-                    try:
-                        k = run(cand, params, x1, x2)
-                    except Exception as err:
-                        if not is_failure_to_trace(err):
-                            raise
-                        refused = refusal(cand.name, model, params, x1, err)
-                        if strategy != "auto":
-                            raise refused from err
-                        refusals[cand.name] = refused
-                        continue
-                    cache[key] = cand
-                    return k
-                raise all_refused(refusals)
+                prepare(params, x1, x2)
+                chosen, k = run_first(
+                    strategy,
+                    model,
+                    params,
+                    x1,
+                    x2,
+                    output,
+                    budget,
+                    lambda s: run(s, params, x1, x2),
+                )
+                cache[key] = chosen
+                return k
 
     return fn
-
-
-def _candidates(
-    model: Model,
-    params: Any,
-    x1: jax.Array,
-    x2: jax.Array | None,
-    output: str,
-    strategy: str | AbstractKernelStrategy,
-    budget: float | None,
-) -> list[AbstractKernelStrategy]:
-    """The strategy asked for, or auto's candidates, cheapest predicted first."""
-    if strategy != "auto":
-        return [get(strategy)]
-    n2 = x1.shape[0] if x2 is None else x2.shape[0]
-    names, _, refusals = rank(model, params, x1, x1.shape[0], n2, output, budget)
-    if not names:
-        raise all_refused(refusals)
-    return [STRATEGIES[name]() for name in names]

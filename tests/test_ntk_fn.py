@@ -52,8 +52,9 @@ def test_second_call_skips_validation_and_planning(monkeypatch):
     first = fn(p, x1, x2)
     calls = []
     import ntkdist._ntk_fn as mod
+    import ntkdist.kernels._choose as choose_mod
 
-    rank, check_model = mod.rank, mod._inputs.check_model
+    rank, check_model = choose_mod.rank, mod._inputs.check_model
 
     def counted(name, real):
         def wrapper(*args, **kwargs):
@@ -62,7 +63,7 @@ def test_second_call_skips_validation_and_planning(monkeypatch):
 
         return wrapper
 
-    monkeypatch.setattr(mod, "rank", counted("rank", rank))
+    monkeypatch.setattr(choose_mod, "rank", counted("rank", rank))
     monkeypatch.setattr(mod._inputs, "check_model", counted("model", check_model))
     p2 = jax.tree_util.tree_map(lambda v: v * 1.5, p)
     again = fn(p2, x1 + 1.0, x2)  # same shapes: straight to the compiled tile

@@ -3,6 +3,7 @@ and can compute the model (one that cannot never takes ``auto`` down with it).""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -118,6 +119,46 @@ def choose(
     raise all_refused(refusals)
 
 
+def run_first(
+    strategy: str | AbstractKernelStrategy,
+    model: Model,
+    params: Any,
+    x1: jax.Array,
+    x2: jax.Array | None,
+    output: str,
+    memory_budget: float | None,
+    run: Callable[[AbstractKernelStrategy], Any],
+) -> tuple[AbstractKernelStrategy, Any]:
+    """``run(s)`` for the strategy asked for, or ``auto``'s along the cost order.
+
+    A strategy that cannot handle the model fails while JAX traces it, before
+    any work: ``auto`` then moves on to the next cheapest, and an explicitly
+    requested strategy raises a :class:`ModelError` naming the construct.
+
+    Returns:
+        The strategy that ran, and what ``run`` returned.
+    """
+    if strategy != "auto":
+        candidates, refusals = [get(strategy)], {}
+    else:
+        n2 = x1.shape[0] if x2 is None else x2.shape[0]
+        names, _, refusals = rank(
+            model, params, x1, x1.shape[0], n2, output, memory_budget
+        )
+        candidates = [STRATEGIES[name]() for name in names]
+    for cand in candidates:
+        try:
+            return cand, run(cand)
+        except Exception as err:
+            if not is_failure_to_trace(err):
+                raise
+            refused = refusal(cand.name, model, params, x1, err)
+            if strategy != "auto":
+                raise refused from err
+            refusals[cand.name] = refused
+    raise all_refused(refusals)
+
+
 def compute_tile(
     strategy: str | AbstractKernelStrategy,
     model: Model,
@@ -127,27 +168,16 @@ def compute_tile(
     output: str,
     memory_budget: float | None = None,
 ) -> jax.Array:
-    """One tile with ``strategy``; ``"auto"`` falls back along the cost order.
-
-    A strategy that cannot handle the model fails while JAX traces it, before
-    any work: ``auto`` then moves on to the next cheapest, and an explicitly
-    requested strategy raises a :class:`ModelError` naming the construct.
-    """
-    if strategy != "auto":
-        chosen = get(strategy)
-        try:
-            return chosen.tile(model, params, x1, x2, output)
-        except Exception as err:
-            if not is_failure_to_trace(err):
-                raise
-            raise refusal(chosen.name, model, params, x1, err) from err
-    n2 = x1.shape[0] if x2 is None else x2.shape[0]
-    names, _, refusals = rank(model, params, x1, x1.shape[0], n2, output, memory_budget)
-    for name in names:
-        try:
-            return STRATEGIES[name]().tile(model, params, x1, x2, output)
-        except Exception as err:
-            if not is_failure_to_trace(err):
-                raise
-            refusals[name] = refusal(name, model, params, x1, err)
-    raise all_refused(refusals)
+    """One tile with ``strategy``; ``"auto"`` falls back along the cost order
+    (see :func:`run_first`)."""
+    _, k = run_first(
+        strategy,
+        model,
+        params,
+        x1,
+        x2,
+        output,
+        memory_budget,
+        lambda s: s.tile(model, params, x1, x2, output),
+    )
+    return k
