@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import numpy as np
 import jax.numpy as jnp
 import pytest
 from jax import lax
@@ -224,3 +225,24 @@ def test_gram_in_row_blocks_matches_reference(monkeypatch, name):
     for out in ("full", "trace", "diagonal", "pntk"):
         k = ntkdist.ntk(f, p, x1, x2, output=out, strategy=strategy)
         assert_kernel_close(k, reduce_full(full, out), rtol=1e-8)
+
+
+@pytest.mark.parametrize("b", [1, 2])
+def test_full_gram_orders_agree_with_the_plain_contraction(b):
+    """Both contraction orders of ``full``'s gram share equal the plain einsum."""
+    from ntkdist.kernels._structured import (
+        _deltas_first,
+        _full_deltas_first,
+        _full_positions_first,
+    )
+
+    rng = np.random.default_rng(0)
+    n1, n2, o, t, c, f = 3, 4, 10, 5, 6, 7
+    a1, a2 = (rng.standard_normal((n, b, t, c)) for n in (n1, n2))
+    d1, d2 = (rng.standard_normal((n, o, b, t, f)) for n in (n1, n2))
+    ga = np.einsum("ibtc,jbuc->ijbtu", a1, a2)
+    want = np.einsum("ijbtu,iabtf,jcbuf->iajc", ga, d1, d2)
+    for fn in (_full_deltas_first, _full_positions_first):
+        got = np.asarray(fn(jnp.asarray(ga), jnp.asarray(d1), jnp.asarray(d2)))
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
+    assert _deltas_first(10, 16, 16) and not _deltas_first(10, 64, 64)

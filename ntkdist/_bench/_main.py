@@ -28,6 +28,12 @@ Sections:
   resumed; wall times, tiles recomputed, bytes on disk, peak resident memory
   of the CLI and its workers (goal: under 4 GiB), and tiles checked against
   ``ntkdist.ntk``.
+- ``real``: real networks (``--real-cases``, default the CIFAR ResNet-18 and
+  the ViT-tiny of ``ntkdist._bench._models``): one ``ntkdist.ntk`` tile per
+  tile size and output, each in a process of its own (first call, median,
+  the strategy ``auto`` ran, fraction of the GEMM rate, peak memory against
+  the strategy's predicted bytes), then the whole ``trace`` kernel of
+  ``--real-engine CASE:N`` through ``ntkdist.compute``, start-up included.
 
 Strategies whose predicted memory exceeds ``--memory-budget`` or whose
 predicted time exceeds ``--max-seconds`` are reported as skipped, with the
@@ -45,10 +51,10 @@ from typing import Any
 import numpy as np
 
 from ..kernels import STRATEGIES
-from . import _kernel, _ooc, _sections
+from . import _kernel, _ooc, _real, _sections
 from ._tiles import gemm_rate, machine, run_tiles, table
 
-SECTIONS = ("tiles", "auto", "contraction", "kernel", "ooc")
+SECTIONS = ("tiles", "auto", "contraction", "kernel", "ooc", "real")
 DEFAULT_SECTIONS = "tiles,auto,contraction,kernel"
 
 
@@ -148,6 +154,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="re-read every tile of the ooc store and check its checksum",
     )
     g.add_argument("--keep", action="store_true", help="keep the ooc store")
+    g = parser.add_argument_group("real")
+    g.add_argument(
+        "--real-cases",
+        default=",".join(_real.DEFAULT_CASES),
+        help="real networks, from resnet18-cifar, resnet18-cifar-w16 (channels "
+        "16/32/64/128), vit-tiny",
+    )
+    g.add_argument("--real-tiles", default="16,64", help="tile sizes (16,64)")
+    g.add_argument(
+        "--real-strategy", default="auto", help="strategy of the tiles (auto)"
+    )
+    g.add_argument(
+        "--real-engine",
+        default="resnet18-cifar-w16:2048",
+        help="CASE:N of the whole trace kernel through compute; 'none' skips it "
+        "(default resnet18-cifar-w16:2048)",
+    )
 
 
 def _write(result: dict[str, Any], path: str) -> None:
@@ -260,6 +283,29 @@ def _main_from_args(args: argparse.Namespace) -> int:
         )
         print()
         print(_ooc.ooc_table(result["ooc"]))
+        _write(result, args.json)
+    if "real" in sections:
+        print("\n== real: tiles of real networks, each in a process of its own ==")
+        result["real"] = _real.run_real(
+            rate,
+            cases=[c for c in args.real_cases.split(",") if c],
+            tiles=_ints(args.real_tiles),
+            outputs=args.outputs.split(","),
+            repeats=args.repeats,
+            strategy=args.real_strategy,
+        )
+        _write(result, args.json)
+        if args.real_engine != "none":
+            case, _, n = args.real_engine.partition(":")
+            result["real_engine"] = _real.run_engine(
+                rate,
+                case=case,
+                n=int(n or 2048),
+                workers=args.workers,
+                executor=args.executor,
+                scratch=args.dir,
+            )
+            print(_real.engine_line(result["real_engine"]))
         _write(result, args.json)
     # Load on a shared machine changes the rate: measured again at the end.
     result["gemm_flops_per_s_end"] = gemm_rate()

@@ -387,8 +387,10 @@ def _gram_bytes_per_row(a1: Any, d1: Any, a2: Any, output: str) -> float:
     n2, b, t1, t2 = a2.shape[0], a2.shape[1], a1.shape[2], a2.shape[2]
     o, f = d1.shape[1], d1.shape[-1]
     ga = n2 * b * t1 * t2
-    if output == "full":
-        x = n2 * o * b * t2 * f
+    if output == "full" and _deltas_first(o, t1, t2):
+        x = n2 * o * o * b * t1 * t2
+    elif output == "full":  # the product and its transposed copy
+        x = 2 * n2 * o * b * t2 * f
     else:
         x = n2 * b * t1 * t2 * (o if output == "diagonal" else 1)
     return float((ga + x) * jnp.dtype(d1.dtype).itemsize)
@@ -398,11 +400,47 @@ def _gram_block(
     a1: jax.Array, d1: jax.Array, a2: jax.Array, d2: jax.Array, output: str
 ) -> jax.Array:
     ga = jnp.einsum("ibtc,jbuc->ijbtu", a1, a2)
-    if output == "full":  # t first, then (b, u, f): O·T²·F + O²·T·F per pair
-        x = jnp.einsum("ijbtu,iabtf->ijabuf", ga, d1)
-        return jnp.einsum("ijabuf,jcbuf->iajc", x, d2)
+    if output == "full":
+        if _deltas_first(d1.shape[1], a1.shape[2], a2.shape[2]):
+            return _full_deltas_first(ga, d1, d2)
+        return _full_positions_first(ga, d1, d2)
     if output == "pntk":
         return jnp.einsum("ijbtu,ibtf,jbuf->ij", ga, d1[:, 0], d2[:, 0])
     if output == "trace":
         return jnp.einsum("ijbtu,iabtf,jabuf->ij", ga, d1, d2) / d1.shape[1]
     return jnp.einsum("ijbtu,iabtf,jabuf->aij", ga, d1, d2)
+
+
+def _deltas_first(o: int, t1: int, t2: int) -> bool:
+    """Whether ``full``'s gram share contracts the deltas' features first.
+
+    Positions first costs ``O·T·F·(T + O)`` per pair in two products whose
+    inner sizes are ``T`` and ``T·F`` with a transpose of the ``N1·N2·O·T·F``
+    product between them; deltas first costs ``O²·T²·F`` in one product of
+    inner size ``F`` (at the GEMM rate). Measured on XLA:CPU, deltas first is
+    faster while the FLOP ratio ``O·T/(T + O)`` stays under about 7 (ResNet's
+    4×4 stage, ``T = 16``, ``O = 10``), positions first beyond (``T = 64``).
+    """
+    t = max(t1, t2)
+    return o * t <= 7 * (t + o)
+
+
+def _full_deltas_first(ga: jax.Array, d1: jax.Array, d2: jax.Array) -> jax.Array:
+    """``Σ_{t,u} ga[i,j,t,u] Σ_f d1[i,a,t,f] d2[j,c,u,f]``: one GEMM over ``f``."""
+    n1, o, b, t1, f = d1.shape
+    n2, _, _, t2, _ = d2.shape
+    e = jnp.einsum("iabtf,jcbuf->iabtjcu", d1, d2)
+    return jnp.einsum("ijbtu,iabtjcu->iajc", ga, e)
+
+
+def _full_positions_first(ga: jax.Array, d1: jax.Array, d2: jax.Array) -> jax.Array:
+    """``t`` first (``O·T²·F``), then ``(b, u, f)`` (``O²·T·F``) per pair, each
+    a batched matrix product in the layout it wants."""
+    n1, o, b, t1, f = d1.shape
+    n2, _, _, t2, _ = d2.shape
+    g = ga.transpose(0, 2, 1, 4, 3).reshape(n1 * b, n2 * t2, t1)  # [(i,b),(j,u),t]
+    d = d1.transpose(0, 2, 3, 1, 4).reshape(n1 * b, t1, o * f)  # [(i,b),t,(a,f)]
+    x = jnp.matmul(g, d).reshape(n1, b, n2, t2, o, f)  # [i,b,j,u,a,f]
+    x = x.transpose(2, 0, 4, 1, 3, 5).reshape(n2, n1 * o, b * t2 * f)
+    y = jnp.matmul(x, d2.reshape(n2, o, b * t2 * f).transpose(0, 2, 1))
+    return y.reshape(n2, n1, o, o).transpose(1, 2, 0, 3)  # [i,a,j,c]
