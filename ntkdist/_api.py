@@ -171,8 +171,8 @@ def plan(
     Example:
         >>> import jax.numpy as jnp, numpy as np, ntkdist
         >>> f = lambda p, x: jnp.tanh(x @ p["w"])
-        >>> p = ntkdist.plan(f, {"w": np.ones((3, 2))}, np.ones((10, 3)), tile=4,
-        ...                  output="trace", probe=False)
+        >>> w, x = np.ones((3, 2), np.float32), np.ones((10, 3), np.float32)
+        >>> p = ntkdist.plan(f, {"w": w}, x, tile=4, output="trace", probe=False)
         >>> p.n_tiles
         6
     """
@@ -283,9 +283,9 @@ def compute(
         >>> import jax.numpy as jnp, numpy as np, ntkdist, tempfile, os
         >>> f = lambda p, x: jnp.tanh(x @ p["w"])
         >>> path = os.path.join(tempfile.mkdtemp(), "k.zarr")
-        >>> s = ntkdist.compute(f, {"w": np.ones((3, 2))}, np.ones((5, 3)), store=path,
-        ...                     output="trace", tile=2, executor="serial",
-        ...                     progress=False)
+        >>> w, x = np.ones((3, 2), np.float32), np.ones((5, 3), np.float32)
+        >>> s = ntkdist.compute(f, {"w": w}, x, store=path, output="trace", tile=2,
+        ...                     executor="serial", progress=False)
         >>> s.complete, s.kernel.shape
         (True, (5, 5))
     """
