@@ -95,8 +95,13 @@ def ntk(
             or in float64.
 
     Returns:
-        A numpy array whose dtype follows the inputs' (float64 when jax's x64 is
-        enabled and the inputs are float64).
+        A ``numpy.ndarray`` on the host, always, whatever the inputs are
+        (numpy or ``jax.Array``): the kernel is computed on the default
+        device and copied back, ready for numpy, scipy and the consumers in
+        :mod:`ntkdist.regression`. Its dtype follows the inputs' (float64 when
+        jax's x64 is enabled and the inputs are float64). For a ``jax.Array``
+        that stays on the device and can be traced by ``jax.jit``, use
+        :func:`ntkdist.ntk_fn`.
 
     Raises:
         InputError: an argument is malformed (the message says what to do).
@@ -107,8 +112,9 @@ def ntk(
         >>> import jax.numpy as jnp, ntkdist
         >>> f = lambda p, x: jnp.tanh(x @ p["w1"]) @ p["w2"]
         >>> p = {"w1": jnp.ones((3, 4)) / 2, "w2": jnp.ones((4, 2)) / 2}
-        >>> ntkdist.ntk(f, p, jnp.ones((5, 3)), output="trace").shape
-        (5, 5)
+        >>> k = ntkdist.ntk(f, p, jnp.ones((5, 3)), output="trace")
+        >>> type(k).__name__, k.shape
+        ('ndarray', (5, 5))
     """
     _inputs.check_output(output)
     _inputs.check_strategy(strategy)
