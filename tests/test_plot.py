@@ -129,3 +129,13 @@ def test_missing_matplotlib_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(ntkdist.KernelInputError, match="needs matplotlib"):
         plot_kernel(np.eye(3), tmp_path / "k.png")
+
+
+def test_unwritten_tiles_plot_grey(tmp_path):
+    """An unfinished store's NaN blocks are drawn, not an error or a warning."""
+    k = np.random.default_rng(0).random((30, 30))
+    k[:10, 20:] = np.nan
+    img = kernel_image(k)
+    assert np.isnan(img.values[:10, 20:]).all()
+    assert _png_size(plot_kernel(k, tmp_path / "k.png"))[0] > 0
+    assert _png_size(plot_kernel(np.full((4, 4), np.nan), tmp_path / "n.png"))[0] > 0
