@@ -2,9 +2,9 @@
 
 Used by the README's quick start:
 
-    python examples/digits_mlp.py digits.npz        # writes x (1797×64), y
-    ntkdist compute examples/digits_mlp.py:factory --x1 digits.npz:x \\
-        --out digits-ntk.zarr --output trace
+    python examples/digits_mlp.py scratch/digits.npz   # writes x (1797×64), y
+    ntkdist compute examples/digits_mlp.py:factory --x1 scratch/digits.npz:x \\
+        --out scratch/digits-ntk.zarr --output trace
 
 ``factory()`` returns ``(apply_fn, params)``, the form ``ntkdist compute``
 expects of a MODEL.
@@ -12,6 +12,7 @@ expects of a MODEL.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import jax
@@ -50,7 +51,8 @@ def load_digits():
 
 
 if __name__ == "__main__":
-    out = sys.argv[1] if len(sys.argv) > 1 else "digits.npz"
+    out = sys.argv[1] if len(sys.argv) > 1 else os.path.join("scratch", "digits.npz")
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     x, y = load_digits()
     np.savez(out, x=x, y=y)
     print(f"wrote {out}: x {x.shape} {x.dtype}, y {y.shape}")

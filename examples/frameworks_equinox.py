@@ -9,7 +9,8 @@ The full NTK ``Θ[i, j, a, b]`` of a few samples is printed (how close each
 output-space block is to a multiple of the identity), then the trace
 NTK is used for the linearised network's ridge prediction on held-out digits.
 
-Run: ``python examples/frameworks_equinox.py`` (a few seconds on a CPU).
+Run: ``python examples/frameworks_equinox.py`` (a few seconds on a CPU;
+``NTKDIST_EXAMPLE_SMALL=1``: 100 training digits).
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ from sklearn.datasets import load_digits
 import ntkdist
 from ntkdist.adapters import from_equinox
 
+# NTKDIST_EXAMPLE_SMALL=1 (set by tests/test_examples.py) runs on fewer digits.
+SMALL = os.environ.get("NTKDIST_EXAMPLE_SMALL") == "1"
+
 
 def digits(n_train: int = 200, n_test: int = 100) -> tuple[np.ndarray, ...]:
     """Flattened images ``[n, 64]`` in ``[0, 1]`` and one-hot labels ``[n, 10]``."""
@@ -40,7 +44,7 @@ def digits(n_train: int = 200, n_test: int = 100) -> tuple[np.ndarray, ...]:
 
 def main() -> None:
     """Adapt the model, print a full-kernel block and the ridge accuracy."""
-    x_tr, y_tr, x_te, y_te = digits()
+    x_tr, y_tr, x_te, y_te = digits(*((100, 50) if SMALL else ()))
     model = eqx.nn.MLP(64, 10, width_size=256, depth=2, key=jax.random.key(0))
     apply_fn, params = from_equinox(model)
 

@@ -13,7 +13,8 @@ For each, the trace NTK ``K[i, j] = (1/O) Σ_a Θ[i, j, a, a]`` is computed with
 ``f0(x) + K(x, X) (K(X, X) + λI)⁻¹ (Y - f0(X))``; the script prints the test
 accuracy.
 
-Run: ``python examples/frameworks_flax.py`` (a few seconds on a CPU).
+Run: ``python examples/frameworks_flax.py`` (a few seconds on a CPU;
+``NTKDIST_EXAMPLE_SMALL=1``: 100 training digits).
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ from ntkdist.adapters import from_flax_linen, from_flax_nnx
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+
+
+# NTKDIST_EXAMPLE_SMALL=1 (set by tests/test_examples.py) runs on fewer digits.
+SMALL = os.environ.get("NTKDIST_EXAMPLE_SMALL") == "1"
 
 
 def digits(n_train: int = 200, n_test: int = 100) -> tuple[np.ndarray, ...]:
@@ -94,7 +99,7 @@ class MLP(nnx.Module):
 
 def main() -> None:
     """Adapt both models, compute their kernels and print the accuracies."""
-    x_tr, y_tr, x_te, y_te = digits()
+    x_tr, y_tr, x_te, y_te = digits(*((100, 50) if SMALL else ()))
 
     module = CNN()
     variables = module.init(jax.random.key(0), x_tr[:1])

@@ -9,7 +9,8 @@ The trace and pseudo-NTK (``output="pntk"``: ``(1/O) Σ_a Σ_b Θ[i, j, a, b]``)
 are computed and each is used for the linearised network's ridge prediction on
 held-out digits.
 
-Run: ``python examples/frameworks_haiku.py`` (a few seconds on a CPU).
+Run: ``python examples/frameworks_haiku.py`` (a few seconds on a CPU;
+``NTKDIST_EXAMPLE_SMALL=1``: 100 training digits).
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ from sklearn.datasets import load_digits
 
 import ntkdist
 from ntkdist.adapters import from_haiku
+
+# NTKDIST_EXAMPLE_SMALL=1 (set by tests/test_examples.py) runs on fewer digits.
+SMALL = os.environ.get("NTKDIST_EXAMPLE_SMALL") == "1"
 
 
 def digits(n_train: int = 200, n_test: int = 100) -> tuple[np.ndarray, ...]:
@@ -50,7 +54,7 @@ def forward(x: jax.Array, is_training: bool) -> jax.Array:
 
 def main() -> None:
     """Adapt the transform, compute two kernels and print their accuracies."""
-    x_tr, y_tr, x_te, y_te = digits()
+    x_tr, y_tr, x_te, y_te = digits(*((100, 50) if SMALL else ()))
     net = hk.transform_with_state(forward)
     params, state = net.init(jax.random.key(0), x_tr, True)
     # One training-mode pass fills the running statistics that inference uses.

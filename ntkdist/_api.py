@@ -95,8 +95,13 @@ def ntk(
             or in float64.
 
     Returns:
-        A numpy array whose dtype follows the inputs' (float64 when jax's x64 is
-        enabled and the inputs are float64).
+        A ``numpy.ndarray`` on the host, always, whatever the inputs are
+        (numpy or ``jax.Array``): the kernel is computed on the default
+        device and copied back, ready for numpy, scipy and the consumers in
+        :mod:`ntkdist.regression`. Its dtype follows the inputs' (float64 when
+        jax's x64 is enabled and the inputs are float64). For a ``jax.Array``
+        that stays on the device and can be traced by ``jax.jit``, use
+        :func:`ntkdist.ntk_fn`.
 
     Raises:
         InputError: an argument is malformed (the message says what to do).
@@ -107,8 +112,9 @@ def ntk(
         >>> import jax.numpy as jnp, ntkdist
         >>> f = lambda p, x: jnp.tanh(x @ p["w1"]) @ p["w2"]
         >>> p = {"w1": jnp.ones((3, 4)) / 2, "w2": jnp.ones((4, 2)) / 2}
-        >>> ntkdist.ntk(f, p, jnp.ones((5, 3)), output="trace").shape
-        (5, 5)
+        >>> k = ntkdist.ntk(f, p, jnp.ones((5, 3)), output="trace")
+        >>> type(k).__name__, k.shape
+        ('ndarray', (5, 5))
     """
     _inputs.check_output(output)
     _inputs.check_strategy(strategy)
@@ -171,8 +177,8 @@ def plan(
     Example:
         >>> import jax.numpy as jnp, numpy as np, ntkdist
         >>> f = lambda p, x: jnp.tanh(x @ p["w"])
-        >>> p = ntkdist.plan(f, {"w": np.ones((3, 2))}, np.ones((10, 3)), tile=4,
-        ...                  output="trace", probe=False)
+        >>> w, x = np.ones((3, 2), np.float32), np.ones((10, 3), np.float32)
+        >>> p = ntkdist.plan(f, {"w": w}, x, tile=4, output="trace", probe=False)
         >>> p.n_tiles
         6
     """
@@ -283,9 +289,9 @@ def compute(
         >>> import jax.numpy as jnp, numpy as np, ntkdist, tempfile, os
         >>> f = lambda p, x: jnp.tanh(x @ p["w"])
         >>> path = os.path.join(tempfile.mkdtemp(), "k.zarr")
-        >>> s = ntkdist.compute(f, {"w": np.ones((3, 2))}, np.ones((5, 3)), store=path,
-        ...                     output="trace", tile=2, executor="serial",
-        ...                     progress=False)
+        >>> w, x = np.ones((3, 2), np.float32), np.ones((5, 3), np.float32)
+        >>> s = ntkdist.compute(f, {"w": w}, x, store=path, output="trace", tile=2,
+        ...                     executor="serial", progress=False)
         >>> s.complete, s.kernel.shape
         (True, (5, 5))
     """

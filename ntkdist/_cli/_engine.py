@@ -127,9 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--workers", type=int)
     _exec_args(v, "serial")
     v.set_defaults(func=_cmd_verify)
-    from . import _bench, _consume
+    from . import _bench, _consume, _plot
 
     _consume.register(sub)
+    _plot.register(sub)
     _bench.register(sub)
     return parser
 

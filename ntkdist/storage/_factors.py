@@ -38,6 +38,7 @@ def create_factor_store(
             dtype=dtype,
             compressors=None,
             fill_value=0,
+            dimension_names=(f"{side}_block", f"{side}_item"),
         )
         fg.create_array(
             f"{side}_done",
@@ -46,6 +47,7 @@ def create_factor_store(
             dtype="uint64",
             compressors=None,
             fill_value=0,
+            dimension_names=(f"{side}_block",),
         )
 
 

@@ -10,6 +10,12 @@ Layout of a store (a Zarr v3 group)::
                            a tile's marker is done[i, j] of the tile it names
     inputs/x1, inputs/x2   copies of in-memory inputs, chunked by tile rows
 
+Every array carries Zarr v3 ``dimension_names`` (:func:`kernel_dims`;
+``done``: ``tile1, tile2``; ``inputs/x1``: ``x1, x1_feature_0, ...``), so
+``xarray.open_zarr(path, consolidated=False)`` opens the root (and
+``group="inputs"`` the inputs) as labelled datasets. Stores written before
+the names were added open with ntkdist all the same.
+
 The job spec's schema is :class:`ntkdist.storage._spec.StoreSpec`; what a task
 writes (a tile, its mirror, their checksums) is in :mod:`ntkdist.storage._tiles`.
 """
@@ -41,6 +47,23 @@ CREATING = "ntkdist_creating"
 # (zstd, blosc-lz4 with shuffle) while compressing a tile took longer than
 # computing it (80 MiB tile: zstd 1.6 s, blosc 0.6 s, none 0.1 s).
 KERNEL_COMPRESSORS = None
+
+# The kernel's axes per output form: the two sample axes, then its output axes.
+_OUTPUT_DIMS = {"full": ("out1", "out2"), "diagonal": ("out",)}
+
+
+def kernel_dims(output: str) -> tuple[str, ...]:
+    """The kernel array's ``dimension_names`` for an output form.
+
+    ``x1`` and ``x2`` are distinct names even when the kernel is symmetric,
+    so each keeps its own size in an xarray dataset.
+
+    Example:
+        >>> kernel_dims("full"), kernel_dims("trace")
+        (('x1', 'x2', 'out1', 'out2'), ('x1', 'x2'))
+    """
+    return ("x1", "x2", *_OUTPUT_DIMS.get(output, ()))
+
 
 StoreState = Literal["absent", "empty", "creating", "ntkdist", "other"]
 
@@ -152,9 +175,15 @@ class KernelStore:
                 dtype=plan.dtype,
                 fill_value=np.nan,
                 compressors=KERNEL_COMPRESSORS,
+                dimension_names=kernel_dims(plan.output),
             )
             group.create_array(
-                "done", shape=plan.grid, chunks=(1, 1), dtype="uint64", fill_value=0
+                "done",
+                shape=plan.grid,
+                chunks=(1, 1),
+                dtype="uint64",
+                fill_value=0,
+                dimension_names=("tile1", "tile2"),
             )
             for name, x in (inputs or {}).items():
                 _copy_input(
@@ -404,6 +433,7 @@ def _copy_input(group: zarr.Group, name: str, x: Any, rows: int) -> None:
         shape=shape,
         chunks=(rows, *shape[1:]),
         dtype=np.dtype(x.dtype),
+        dimension_names=(name, *(f"{name}_feature_{k}" for k in range(len(shape) - 1))),
     )
     for start in range(0, shape[0], rows):
         block = x[start : start + rows]
