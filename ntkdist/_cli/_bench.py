@@ -12,7 +12,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     parser = subparsers.add_parser(
         "bench",
         help="benchmark suite: tiles, auto, contraction, kernel, ooc (see --sections)",
-        description=bench.__doc__,
+        description=(bench.__doc__ or "").replace("``", ""),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     bench.add_arguments(parser)

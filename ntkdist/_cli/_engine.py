@@ -12,8 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from .._errors import InputError, NtkdistError
 from .._planner import CACHE_LEVELS
@@ -262,6 +264,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
     store = open_store(args.store)
     done, total = store.progress()
+    job = store.spec.readable()
     if args.json:
         print(
             json.dumps(
@@ -269,6 +272,13 @@ def _cmd_status(args: argparse.Namespace) -> int:
                     "done": done,
                     "total": total,
                     "complete": done == total,
+                    "job": job,
+                    "model_spec": store.spec.model_spec,
+                    "model_name": store.spec.model_name,
+                    "inputs": {
+                        k: None if v is None else v.to_json()
+                        for k, v in store.spec.inputs.items()
+                    },
                     "fingerprint": store.fingerprint,
                     "fields": store.fields,
                     "plan": json.loads(store.plan.to_json()),
@@ -279,15 +289,35 @@ def _cmd_status(args: argparse.Namespace) -> int:
     print(f"store        {store.path}")
     print(
         f"progress     {done}/{total} tiles ({100 * done / max(1, total):.0f}%)"
-        + (" complete" if done == total else "")
+        + (" complete" if done == total else f", {total - done} to compute")
     )
     print(f"lock         {_lock_words(store.path)}")
     print(f"model        {store.spec.model_spec or store.spec.model_name}")
+    print("job          (what the fingerprint covers; hashes: status --json)")
+    for k, v in job.items():
+        where = _input_words(store, k)
+        print(f"  {k:<10} {v}" + (f" ({where})" if where else ""))
     print(f"fingerprint  {store.fingerprint}")
-    for k, v in store.fields.items():
-        print(f"  {k:<10} {v}")
-    print(store.plan)
+    print(_tiles_line(str(store.plan), done, total))
     return 0
+
+
+def _input_words(store: Any, name: str) -> str:
+    """Where the store's input ``name`` is read from, for ``status``."""
+    record = store.spec.inputs.get(name)
+    if record is None:
+        return ""
+    if not record.root:
+        return f"copied into the store, {record.path}"
+    return f"read from {record.root}" + (f" at {record.path}" if record.path else "")
+
+
+def _tiles_line(plan_text: str, done: int, total: int) -> str:
+    """The plan's text with its tiles line saying what is left, not the plan's
+    total ("tiles to compute 6" of a finished store)."""
+    left = "complete" if done == total else f"{total - done} to compute"
+    line = f"{'tiles':<20}{total} in all, {done} done, {left}"
+    return re.sub(r"^tiles to compute\s+\d+", line, plan_text, flags=re.M)
 
 
 def _lock_words(path: str) -> str:
