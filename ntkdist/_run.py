@@ -45,8 +45,8 @@ from .storage import (
     fingerprint,
     is_url,
     remove_store,
+    resume_words,
     store_state,
-    stored_inputs,
 )
 from .storage._space import bytes_needed, check_writable, fault_message, is_fatal
 
@@ -192,14 +192,8 @@ def create_or_resume(
     if state == "ntkdist":
         existing = KernelStore.open(path, mode="r+")
         if not overwrite:
-            check_same_job(
-                existing.fields,
-                fields,
-                path,
-                stored_words=existing.spec.readable(),
-                new_words=described,
-                arrays=stored_inputs(existing, {"x1": job.x1, "x2": job.x2}),
-            )
+            words = resume_words(existing, described, {"x1": job.x1, "x2": job.x2})
+            check_same_job(existing.fields, fields, path, **words)
             return existing
         remove_store(path)
     inputs: dict[str, Any] = {}

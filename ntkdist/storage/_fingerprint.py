@@ -237,6 +237,18 @@ def check_same_job(
         )
 
 
+def resume_words(
+    kstore: Any, described: Mapping[str, str], new: Mapping[str, Any]
+) -> dict[str, Any]:
+    """:func:`check_same_job`'s keywords to explain a refusal to resume
+    ``kstore`` with the job described as ``described`` on inputs ``new``."""
+    return {
+        "stored_words": kstore.spec.readable(),
+        "new_words": described,
+        "arrays": stored_inputs(kstore, new),
+    }
+
+
 def stored_inputs(kstore: Any, new: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
     """``{"x1": (the store's x1, new["x1"]), ...}`` for :func:`check_same_job`.
 
