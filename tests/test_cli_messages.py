@@ -398,3 +398,42 @@ def test_model_spec_calls_round_trip(files):
     assert params["w"].shape == (3, 6)
     with pytest.raises(InputError, match="not KEY=VALUE pairs of Python literals"):
         load_model(f"{files}/model.py:make(5)")
+
+
+# -- units: descriptions and the refusal's words ------------------------------------
+
+
+def test_first_differing_row_and_descriptions():
+    from ntkdist.storage._fingerprint import (
+        check_same_job,
+        describe_array,
+        describe_params,
+        first_differing_row,
+    )
+
+    a = np.zeros((9, 2))
+    a[4, 1] = np.nan
+    b = a.copy()
+    assert first_differing_row(a, b) is None  # NaN in the same place is equal
+    b[6, 0] = 1.0
+    assert first_differing_row(a, b) == 6
+    assert describe_array(a) == "float64 [9, 2]"
+    many = {f"l{i}": np.ones(2) for i in range(8)}
+    assert describe_params(many).startswith("8 leaves ['l0'] float64 [2], ")
+    assert describe_params(many).endswith("and 2 more, sum 16")
+    stored, new = {"x1": "h1", "output": "o1"}, {"x1": "h2", "output": "o1"}
+    words = {"x1": "float64 [9, 2]", "output": "full"}
+    with pytest.raises(ResumeMismatchError) as info:
+        check_same_job(
+            stored,
+            new,
+            "s",
+            stored_words=words,
+            new_words=words,
+            arrays={"x1": (a, b)},
+        )
+    assert "x1 (stored float64 [9, 2]; now float64 [9, 2]; first differing row 6)" in (
+        str(info.value)
+    )
+    with pytest.raises(ResumeMismatchError, match=r"x1 \(stored h1, now h2\)"):
+        check_same_job(stored, new, "s")  # no words: the hashes, as before
