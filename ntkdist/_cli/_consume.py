@@ -81,17 +81,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "--preconditioner",
         choices=("nystrom", "block", "jacobi", "none"),
         default="nystrom",
-        help="CG preconditioner: nystrom (a low-rank approximation of the "
-        "kernel, the default), block (diagonal blocks), jacobi (the diagonal) "
-        "or none",
+        help="CG preconditioner: nystrom (randomized low-rank Nyström "
+        "approximation, the default), block (Cholesky of each diagonal tile), "
+        "jacobi (the diagonal) or none",
     )
     reg.add_argument(
         "--method",
         choices=("auto", "cholesky", "cg"),
         default="auto",
         help="solver: cholesky (exact, the kernel in memory), cg (conjugate "
-        "gradients, streamed tile by tile), auto (cholesky if it fits "
-        "--memory-budget, else cg)",
+        "gradients, streamed tile by tile), auto (cholesky if twice the kernel "
+        "fits --memory-budget, else cg)",
     )
     reg.set_defaults(func=run_regress)
 
@@ -112,8 +112,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "--method",
         choices=("auto", "dense", "lanczos", "randomized"),
         default="auto",
-        help="eigensolver: dense (whole kernel in memory), lanczos or randomized "
-        "(streamed); auto picks dense when it fits --memory-budget",
+        help="eigensolver: dense (whole kernel in memory), lanczos (ARPACK) or "
+        "randomized (streamed); auto picks dense when twice the kernel fits "
+        "--memory-budget, else lanczos",
     )
     spec.add_argument(
         "--no-smallest",
