@@ -152,6 +152,9 @@ def plan(
     probe: bool = True,
     cache: str = "auto",
     precision: str = DEFAULT_PRECISION,
+    check_finite: bool = True,
+    check_independence: bool = True,
+    integer_inputs: bool = False,
 ) -> Plan:
     """The plan ``compute`` would follow, without computing or storing anything.
 
@@ -169,6 +172,10 @@ def plan(
         cache: where factors are kept between tiles (``"auto"``, ``"none"``,
             ``"memory"``, ``"store"``; see :func:`compute`).
         precision: float32 matmul precision (see :func:`ntkdist.ntk`).
+        check_finite: refuse NaN/inf in params or inputs.
+        check_independence: check that a sample's output does not depend on
+            the rest of its batch.
+        integer_inputs: accept integer inputs (token or class ids).
 
     Returns:
         The :class:`Plan`; ``print`` it for the figures, and pass it to
@@ -182,7 +189,17 @@ def plan(
         >>> p.n_tiles
         6
     """
-    job = prepare(apply_fn, params, x1, x2, output=output, strategy=strategy)
+    job = prepare(
+        apply_fn,
+        params,
+        x1,
+        x2,
+        output=output,
+        strategy=strategy,
+        check_finite=check_finite,
+        check_independence=check_independence,
+        integer_inputs=integer_inputs,
+    )
     return plan_job(
         job,
         tile=tile,

@@ -26,9 +26,43 @@ not know ntkdist.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable, Mapping
+
 
 class NtkdistError(Exception):
-    """Base class of all ntkdist errors."""
+    """Base class of all ntkdist errors.
+
+    Args:
+        message: what went wrong and what to do, in the Python API's words.
+        keywords: the Python keyword settings the message advises (for example
+            ``"check_finite=False"``), so that a front end with other words for
+            them (the command line's flags) can say its own; see
+            :meth:`message_for`.
+    """
+
+    def __init__(self, *args: object, keywords: Iterable[str] = ()) -> None:
+        super().__init__(*args)
+        self.keywords = tuple(keywords)
+
+    def message_for(self, words: Mapping[str, str]) -> str:
+        """The message with each Python keyword setting it names said as ``words``
+        says it (``{"check_finite=False": "--allow-nonfinite"}``).
+
+        A ``(CLI: ...)`` aside is dropped once its keyword is translated.
+
+        Example:
+            >>> err = InputError("pass x=True (CLI: --x) to go on", keywords=["x=True"])
+            >>> err.message_for({"x=True": "--x"})
+            'pass --x to go on'
+        """
+        text = str(self)
+        for kw in sorted({*self.keywords, *words}, key=len, reverse=True):
+            if kw not in words:
+                continue
+            pattern = r"(?<![\w.])" + re.escape(kw) + r"(\s*\(CLI: [^)]*\))?"
+            text = re.sub(pattern, lambda _m, kw=kw: words[kw], text)
+        return text
 
 
 class InputError(NtkdistError, ValueError):
@@ -62,8 +96,14 @@ class StoreError(NtkdistError, OSError):
 class ResumeMismatchError(StoreError):
     """The store holds a different job than the one being resumed."""
 
-    def __init__(self, message: str, differences: dict[str, tuple[object, object]]):
-        super().__init__(message)
+    def __init__(
+        self,
+        message: str,
+        differences: dict[str, tuple[object, object]],
+        *,
+        keywords: Iterable[str] = (),
+    ):
+        super().__init__(message, keywords=keywords)
         self.differences = differences
 
 

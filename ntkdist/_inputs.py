@@ -13,6 +13,7 @@ from ._model import Model
 from ._outputs import OUTPUTS
 from ._precision import independence_tolerance
 from .kernels import STRATEGIES, AbstractKernelStrategy
+from .storage._fingerprint import nonfinite_error
 
 
 def check_output(output: str) -> str:
@@ -59,7 +60,8 @@ def check_params(params: Any, *, check_finite: bool = True) -> None:
             raise InputError(
                 f"params{name if name != 'params' else ''} holds NaN or inf; the "
                 "kernel would be NaN. Check the initialisation or the checkpoint "
-                "(or pass check_finite=False to compute anyway)."
+                "(or pass check_finite=False to compute anyway).",
+                keywords=["check_finite=False"],
             )
 
 
@@ -94,17 +96,14 @@ def as_inputs(
         raise InputError(
             f"{name} has dtype {dtype}; expected a floating-point array. Cast it "
             f"(for example {name}.astype('float32')), or pass integer_inputs=True if "
-            "the model takes integer ids (token or class indices)."
+            "the model takes integer ids (token or class indices).",
+            keywords=["integer_inputs=True"],
         )
-    if (
-        check_finite
-        and _is_float(dtype)
-        and not bool(jnp.all(jnp.isfinite(jnp.asarray(x))))
-    ):
-        raise InputError(
-            f"{name} holds NaN or inf; the kernel rows of those samples would be NaN. "
-            "Clean the data (or pass check_finite=False to compute anyway)."
-        )
+    if check_finite and _is_float(dtype):
+        finite = jnp.isfinite(jnp.asarray(x)).reshape(x.shape[0], -1).all(axis=1)
+        if not bool(jnp.all(finite)):
+            bad = np.flatnonzero(~np.asarray(finite))
+            raise nonfinite_error(name, bad, len(bad), int(x.shape[0]))
     return x
 
 
@@ -176,5 +175,6 @@ def _check_independent(model: Model, params: Any, x: Any) -> None:
             "batch (for example batch-norm statistics computed from the batch, or "
             "attention across the batch axis). The eNTK is defined per sample, and "
             "tiling would change it: evaluate norms with fixed statistics (inference "
-            "mode), or pass check_independence=False if this is intended."
+            "mode), or pass check_independence=False if this is intended.",
+            keywords=["check_independence=False"],
         )

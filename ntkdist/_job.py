@@ -14,7 +14,8 @@ from ._model import ApplyFn, Model, as_model
 from ._precision import DEFAULT as DEFAULT_PRECISION, current as current_precision
 from ._version import __version__
 from .kernels import AbstractKernelStrategy, check_supported, choose, get
-from .storage import array_digest, digest, model_digest, params_digest
+from .storage import array_digest, digest, params_digest
+from .storage._fingerprint import describe_array, describe_params, model_fingerprint
 
 # Tile side at which ``strategy="auto"`` compares strategies.
 NOMINAL_TILE = 256
@@ -36,6 +37,7 @@ class Job:
     fields: dict[str, str]
     auto: bool = False
     precision: str = DEFAULT_PRECISION
+    described: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def n1(self) -> int:
@@ -85,8 +87,9 @@ def prepare(
     else:
         chosen = get(strategy)
         check_supported(chosen, model, params, jnp.asarray(probe), output)
+    model_hash, model_words = model_fingerprint(model, params, probe[:1])
     fields = {
-        "model": model_digest(model, params, probe[:1]),
+        "model": model_hash,
         "params": params_digest(params),
         "x1": array_digest(x1, "x1", check_finite=check_finite),
         "x2": "symmetric"
@@ -111,6 +114,17 @@ def prepare(
         fields,
         auto=strategy == "auto",
         precision=current_precision(),
+        described={
+            "model": model_words,
+            "params": describe_params(params),
+            "x1": describe_array(x1),
+            "x2": "symmetric" if x2 is None else describe_array(x2),
+            "output": output,
+            "strategy": repr(chosen),
+            "dtype": dtype,
+            "precision": current_precision(),
+            "versions": f"ntkdist {__version__}, jax {jax.__version__}",
+        },
     )
 
 
@@ -126,5 +140,6 @@ def with_strategy(job: Job, strategy: AbstractKernelStrategy) -> Job:
         job,
         strategy=strategy,
         fields={**job.fields, "strategy": digest(repr(strategy))},
+        described={**job.described, "strategy": repr(strategy)},
         auto=False,
     )

@@ -45,6 +45,7 @@ from .storage import (
     fingerprint,
     is_url,
     remove_store,
+    resume_words,
     store_state,
 )
 from .storage._space import bytes_needed, check_writable, fault_message, is_fatal
@@ -180,6 +181,7 @@ def create_or_resume(
         StoreError: the path holds something that is not a kernel store.
     """
     fields = job_fields(job, plan)
+    described = {**job.described, "tile": f"{plan.tile_rows}x{plan.tile_cols}"}
     state = store_state(path)
     if state == "other":
         raise StoreError(
@@ -190,7 +192,8 @@ def create_or_resume(
     if state == "ntkdist":
         existing = KernelStore.open(path, mode="r+")
         if not overwrite:
-            check_same_job(existing.fields, fields, path)
+            words = resume_words(existing, described, {"x1": job.x1, "x2": job.x2})
+            check_same_job(existing.fields, fields, path, **words)
             return existing
         remove_store(path)
     inputs: dict[str, Any] = {}
@@ -209,6 +212,7 @@ def create_or_resume(
         plan=plan,
         fields=fields,
         fingerprint=fingerprint(fields),
+        described=described,
         strategy=job.strategy.name,
         strategy_repr=repr(job.strategy),
         precision=job.precision,

@@ -233,8 +233,8 @@ def test_bad_model_spec(files, capsys, monkeypatch, model, message):
     ("extra", "message"),
     [
         (["--x2", "d.npz:b"], "x1 has samples of shape (3,) but x2 has (5,)"),
-        (["--x2", "d.npz:zz"], "holds ['a', 'b']"),  # no such key
-        (["--x2", "nope.npy"], "does not exist"),  # no such input
+        (["--x2", "d.npz:zz"], "no array 'zz'; it holds a, b"),  # no such key
+        (["--x2", "nope.npy"], "--x2 nope.npy: no such file"),  # no such input
         (["--memory-budget", "1MiB"], "needs at least"),  # budget too small
         (["--memory-budget", "plenty"], "not a size"),  # malformed budget
     ],

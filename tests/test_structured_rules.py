@@ -7,8 +7,8 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import numpy as np
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from jax import lax
 

@@ -76,8 +76,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="small cases and sizes (kernel N=1024, ooc N=4096)",
     )
     parser.add_argument("--tiles", default="64,256", help="tile sizes, comma-separated")
-    parser.add_argument("--outputs", default="full,trace")
-    parser.add_argument("--strategies", default=",".join(STRATEGIES))
+    parser.add_argument(
+        "--outputs",
+        default="full,trace",
+        help="comma-separated output forms the tiles section times "
+        "(default full,trace)",
+    )
+    parser.add_argument(
+        "--strategies",
+        default=",".join(STRATEGIES),
+        help=f"comma-separated strategies to time (default {','.join(STRATEGIES)})",
+    )
     parser.add_argument("--cases", default="", help="case names (default: all)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs (median)")
     parser.add_argument(

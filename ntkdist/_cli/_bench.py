@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from .._bench import _main as bench
+from ._messages import in_cli_words
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -12,8 +13,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     parser = subparsers.add_parser(
         "bench",
         help="benchmark suite: tiles, auto, contraction, kernel, ooc (see --sections)",
-        description=bench.__doc__,
+        description=(bench.__doc__ or "").replace("``", ""),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     bench.add_arguments(parser)
-    parser.set_defaults(func=bench.main_from_args)
+    parser.set_defaults(func=in_cli_words(bench.main_from_args))

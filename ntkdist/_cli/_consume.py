@@ -16,6 +16,8 @@ import numpy as np
 import zarr
 
 from .._errors import KernelInputError, NtkdistError, StoreError
+from ._load import load_input
+from ._messages import cli_message
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -27,17 +29,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
             "Fit kernel ridge regression on a training kernel for one or more "
             "ridge values, predict from a test x train cross kernel, save the "
             "predictions and print metrics. Kernels are ntkdist stores, zarr "
-            "arrays or .npy files."
+            "arrays, .npy files or .npz:KEY members; labels are .npy files, "
+            ".npz:KEY members or zarr arrays."
         ),
     )
     reg.add_argument(
-        "--train-kernel", required=True, metavar="STORE", help="N x N training kernel"
+        "--train-kernel",
+        required=True,
+        metavar="STORE",
+        help="N x N training kernel: an ntkdist store, a zarr array, K.npy or "
+        "K.npz:KEY",
     )
     reg.add_argument(
         "--labels",
         required=True,
-        metavar="Y.npy",
-        help="training labels [N] or [N, C]; integer [N] = class ids",
+        metavar="Y",
+        help="training labels [N] or [N, C] (integer [N] = class ids): y.npy, "
+        "y.npz:KEY or a zarr array",
     )
     reg.add_argument(
         "--cross-kernel",
@@ -60,8 +68,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     reg.add_argument(
         "--test-labels",
-        metavar="Y_TEST.npy",
-        help="test labels: print MSE, R² and (for classes) accuracy",
+        metavar="Y_TEST",
+        help="test labels (same forms as --labels): print MSE, R² and (for "
+        "classes) accuracy",
     )
     _common(reg)
     reg.add_argument(
@@ -72,8 +81,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "--preconditioner",
         choices=("nystrom", "block", "jacobi", "none"),
         default="nystrom",
+        help="CG preconditioner: nystrom (randomized low-rank Nyström "
+        "approximation, the default), block (Cholesky of each diagonal tile), "
+        "jacobi (the diagonal) or none",
     )
-    reg.add_argument("--method", choices=("auto", "cholesky", "cg"), default="auto")
+    reg.add_argument(
+        "--method",
+        choices=("auto", "cholesky", "cg"),
+        default="auto",
+        help="solver: cholesky (exact, the kernel in memory), cg (conjugate "
+        "gradients, streamed tile by tile), auto (cholesky if twice the kernel "
+        "fits --memory-budget, else cg)",
+    )
     reg.set_defaults(func=run_regress)
 
     spec = subparsers.add_parser(
@@ -81,12 +100,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="top eigenvalues, condition number and decay plot of a kernel",
         description="Eigenvalues of a stored square kernel, read tile by tile.",
     )
-    spec.add_argument("store", metavar="STORE", help="square kernel")
+    spec.add_argument(
+        "store",
+        metavar="STORE",
+        help="square kernel: an ntkdist store, a zarr array, K.npy or K.npz:KEY",
+    )
     spec.add_argument("--k", type=int, default=20, help="how many largest eigenvalues")
     spec.add_argument("--plot", metavar="OUT.png", help="save the eigenvalue decay")
     spec.add_argument("--vectors", metavar="OUT.npy", help="save the eigenvectors")
     spec.add_argument(
-        "--method", choices=("auto", "dense", "lanczos", "randomized"), default="auto"
+        "--method",
+        choices=("auto", "dense", "lanczos", "randomized"),
+        default="auto",
+        help="eigensolver: dense (whole kernel in memory), lanczos (ARPACK) or "
+        "randomized (streamed); auto picks dense when twice the kernel fits "
+        "--memory-budget, else lanczos",
     )
     spec.add_argument(
         "--no-smallest",
@@ -119,12 +147,17 @@ def _floats(text: str) -> list[float]:
         ) from err
 
 
-def load_kernel(path: str) -> Any:
-    """A kernel from a path: an ntkdist store, a zarr array or group, or ``.npy``."""
-    if path.endswith(".npy"):
-        return np.load(path, mmap_mode="r")
+def load_kernel(path: str, flag: str = "kernel") -> Any:
+    """A kernel from a path: an ntkdist store, a zarr array or group, ``.npy``
+    or ``.npz:KEY`` (``flag`` names the option in messages)."""
+    if path.endswith((".npy", ".npz")) or path.rpartition(":")[0].endswith(".npz"):
+        return load_input(path, flag)
     if not os.path.exists(path) and "://" not in path:
-        raise KernelInputError(f"{path}: no such kernel store or file.")
+        raise KernelInputError(
+            f"{flag} {path}: no such kernel store or file (looked at "
+            f"{os.path.abspath(path)}); expected an ntkdist store, a zarr array, "
+            "K.npy or K.npz:KEY."
+        )
     from .._api import open as open_store
 
     try:
@@ -142,8 +175,10 @@ def load_kernel(path: str) -> Any:
     )
 
 
-def _labels(path: str, n_classes: int | None) -> tuple[np.ndarray, np.ndarray]:
-    raw = np.load(path)
+def _labels(
+    path: str, n_classes: int | None, flag: str = "--labels"
+) -> tuple[np.ndarray, np.ndarray]:
+    raw = np.asarray(load_input(path, flag))
     if raw.ndim == 1 and np.issubdtype(raw.dtype, np.integer):
         k = int(raw.max()) + 1 if n_classes is None else n_classes
         return raw, np.eye(k)[raw]
@@ -155,8 +190,8 @@ def run_regress(args: argparse.Namespace) -> int:
     from ..regression import kernel_ridge, metrics
 
     try:
-        train = load_kernel(args.train_kernel)
-        cross = load_kernel(args.cross_kernel)
+        train = load_kernel(args.train_kernel, "--train-kernel")
+        cross = load_kernel(args.cross_kernel, "--cross-kernel")
         out_dim = _width(train)
         _, y = _labels(args.labels, out_dim)
         fit = kernel_ridge(
@@ -171,8 +206,13 @@ def run_regress(args: argparse.Namespace) -> int:
             allow_incomplete=args.allow_incomplete,
         )
         preds = fit.predict(cross, allow_incomplete=args.allow_incomplete)
+        test = (
+            None
+            if args.test_labels is None
+            else _labels(args.test_labels, y.shape[1], "--test-labels")[0]
+        )
     except NtkdistError as err:
-        print(f"ntkdist regress: error: {err}", file=sys.stderr)
+        print(f"ntkdist regress: error: {cli_message(err)}", file=sys.stderr)
         return 2
     np.savez(
         args.out,
@@ -189,9 +229,6 @@ def run_regress(args: argparse.Namespace) -> int:
             if fit.method == "cg"
             else ""
         )
-    )
-    test = (
-        None if args.test_labels is None else _labels(args.test_labels, y.shape[1])[0]
     )
     for r, ridge in enumerate(fit.ridges):
         line = f"ridge={ridge:g} train_residual={fit.residuals[r].max():.2e}"
@@ -218,7 +255,7 @@ def run_spectrum(args: argparse.Namespace) -> int:
 
     try:
         spec = spectrum(
-            load_kernel(args.store),
+            load_kernel(args.store, "STORE"),
             args.k,
             vectors=args.vectors is not None,
             smallest=not args.no_smallest,
@@ -229,7 +266,7 @@ def run_spectrum(args: argparse.Namespace) -> int:
         if args.plot:
             plot_spectrum(spec, args.plot)
     except NtkdistError as err:
-        print(f"ntkdist spectrum: error: {err}", file=sys.stderr)
+        print(f"ntkdist spectrum: error: {cli_message(err)}", file=sys.stderr)
         return 2
     print(spec)
     print("eigenvalues:", " ".join(f"{v:.6g}" for v in spec.eigenvalues))

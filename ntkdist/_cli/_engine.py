@@ -3,8 +3,8 @@
 Parsing and printing only; the work is in :mod:`ntkdist._api`.
 
 MODEL is ``path/to/file.py:factory`` or ``package.module:factory``, where
-``factory()`` returns ``(apply_fn, params)``. Inputs are ``.npy`` files,
-``.npz`` files with a key (``data.npz:x``), or Zarr array paths.
+``factory(**model_args)`` returns ``(apply_fn, params)``. Inputs are ``.npy``
+files, ``.npz`` files with a key (``data.npz:x``), or Zarr array paths.
 """
 
 from __future__ import annotations
@@ -12,12 +12,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from .._errors import InputError, NtkdistError
 from .._planner import CACHE_LEVELS
-from ._load import _enable_x64_for, canonical_model_spec, load_input, load_model
+from ..kernels import STRATEGIES
+from ._load import (
+    _enable_x64_for,
+    canonical_model_spec,
+    load_input,
+    load_model,
+    model_arg,
+)
+from ._messages import in_cli_words
 
 EXIT_ERROR = 2
 EXIT_PROBLEMS = 1
@@ -28,12 +38,28 @@ def _job_args(p: argparse.ArgumentParser) -> None:
         "model",
         metavar="MODEL",
         help="path/to/file.py:factory or package.module:factory; "
-        "factory() returns (apply_fn, params)",
+        "factory(**model args) returns (apply_fn, params)",
     )
     p.add_argument(
-        "--x1", required=True, help="inputs: x.npy, x.npz:key or a Zarr array"
+        "--model-arg",
+        action="append",
+        default=[],
+        type=model_arg,
+        metavar="KEY=VALUE",
+        help="keyword argument for the MODEL factory (repeatable), e.g. "
+        "--model-arg width=512 --model-arg ckpt=run3.npz; VALUE is read as a "
+        "Python literal (number, string, list, True/None), else taken as a string; "
+        "recorded in the store so verify --repair reloads the same model",
     )
-    p.add_argument("--x2", help="second inputs (default: x2 = x1, symmetric)")
+    p.add_argument(
+        "--x1",
+        required=True,
+        help="inputs [n, *features]: x.npy, x.npz:KEY or a Zarr array directory",
+    )
+    p.add_argument(
+        "--x2",
+        help="second inputs, same forms as --x1 (default: x2 = x1, symmetric)",
+    )
     p.add_argument(
         "--output",
         default="full",
@@ -42,7 +68,11 @@ def _job_args(p: argparse.ArgumentParser) -> None:
         "Θ[i,j,a,a]; pntk (1/O)Σ_aΣ_b Θ[i,j,a,b]",
     )
     p.add_argument(
-        "--strategy", default="auto", help="auto, jacobian, ntvp or structured"
+        "--strategy",
+        default="auto",
+        choices=["auto", *STRATEGIES],
+        help="how a tile is computed; auto (the default) picks the cheapest "
+        "that the model supports",
     )
     p.add_argument("--tile", type=int, help="tile side in samples (one Zarr chunk)")
     p.add_argument("--memory-budget", help="peak memory per worker, e.g. 2GiB")
@@ -65,12 +95,29 @@ def _job_args(p: argparse.ArgumentParser) -> None:
         default="highest",
         choices=["highest", "high", "default", "tensorfloat32", "bfloat16"],
         help="float32 matmul precision on GPUs/TPUs: highest (true float32, the "
-        "default) or faster reduced ones; no effect on CPUs or float64",
+        "default); high (intermediate: TF32 on NVIDIA GPUs, 3 bfloat16 passes on "
+        "TPUs); tensorfloat32 (TF32 on NVIDIA GPUs since Ampere); default (JAX's "
+        "own default, the hardware's fastest: TF32 on such GPUs, one bfloat16 "
+        "pass on TPUs); bfloat16 (one bfloat16 pass, fastest, least precise). "
+        "No effect on CPUs or float64",
     )
     p.add_argument(
         "--integer-inputs",
         action="store_true",
         help="allow integer inputs (token or class ids)",
+    )
+    p.add_argument(
+        "--allow-nonfinite",
+        action="store_true",
+        help="compute even if params or inputs hold NaN or inf (their kernel "
+        "rows are NaN); by default such inputs are refused",
+    )
+    p.add_argument(
+        "--no-independence-check",
+        action="store_true",
+        help="skip checking that a sample's output does not depend on the "
+        "other samples in its batch (batch-norm statistics, attention across "
+        "the batch)",
     )
 
 
@@ -104,29 +151,40 @@ def build_parser() -> argparse.ArgumentParser:
         help="discard a store of a different job and start over",
     )
     _exec_args(c, "dask")
-    c.set_defaults(func=_cmd_compute)
+    c.set_defaults(func=in_cli_words(_cmd_compute))
     p = sub.add_parser("plan", help="print the plan of a job without computing")
     _job_args(p)
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--no-probe", action="store_true", help="skip timing a probe tile")
-    p.set_defaults(func=_cmd_plan)
-    s = sub.add_parser("status", help="progress, fingerprint and plan of a store")
-    s.add_argument("store", metavar="STORE")
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(func=_cmd_status)
+    p.set_defaults(func=in_cli_words(_cmd_plan))
+    s = sub.add_parser("status", help="progress, job, fingerprint and plan of a store")
+    s.add_argument("store", metavar="STORE", help="the kernel store (Zarr) to describe")
+    s.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object: progress, the job's fields, fingerprint, plan",
+    )
+    s.set_defaults(func=in_cli_words(_cmd_status))
     v = sub.add_parser("verify", help="re-check every tile's checksum")
-    v.add_argument("store", metavar="STORE")
+    v.add_argument("store", metavar="STORE", help="the kernel store (Zarr) to check")
     v.add_argument(
         "--repair",
         action="store_true",
         help="recompute exactly the missing and corrupt tiles",
     )
     v.add_argument(
-        "--model", help="MODEL spec overriding the one recorded in the store"
+        "--model",
+        help="MODEL spec overriding the one recorded in the store (with "
+        "--repair); factory arguments as for compute: file.py:make(width=512)",
     )
-    v.add_argument("--workers", type=int)
+    v.add_argument(
+        "--workers",
+        type=int,
+        help="worker processes of the embedded cluster that --repair "
+        "recomputes on (default: one per GPU, else one per core)",
+    )
     _exec_args(v, "serial")
-    v.set_defaults(func=_cmd_verify)
+    v.set_defaults(func=in_cli_words(_cmd_verify))
     from . import _bench, _consume, _plot
 
     _consume.register(sub)
@@ -138,10 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_compute(args: argparse.Namespace) -> int:
     from .._api import compute
 
-    x1 = load_input(args.x1)
-    x2 = None if args.x2 is None else load_input(args.x2)
+    x1 = load_input(args.x1, "--x1")
+    x2 = None if args.x2 is None else load_input(args.x2, "--x2")
     _enable_x64_for(x1)
-    apply_fn, params = load_model(args.model)
+    apply_fn, params = load_model(args.model, dict(args.model_arg))
     store = compute(
         apply_fn,
         params,
@@ -158,8 +216,8 @@ def _cmd_compute(args: argparse.Namespace) -> int:
         executor=args.executor,
         overwrite=args.overwrite,
         progress=not args.quiet,
-        model_spec=canonical_model_spec(args.model),
-        integer_inputs=args.integer_inputs,
+        model_spec=canonical_model_spec(args.model, dict(args.model_arg)),
+        **_checks(args),
         precision=args.precision,
     )
     print(f"kernel {store.output} {store.kernel.shape} written to {store.path}")
@@ -167,13 +225,22 @@ def _cmd_compute(args: argparse.Namespace) -> int:
     return 0
 
 
+def _checks(args: argparse.Namespace) -> dict[str, bool]:
+    """The input checks a job's flags ask for, as ``compute``'s keywords."""
+    return {
+        "integer_inputs": args.integer_inputs,
+        "check_finite": not args.allow_nonfinite,
+        "check_independence": not args.no_independence_check,
+    }
+
+
 def _cmd_plan(args: argparse.Namespace) -> int:
     from .._api import plan
 
-    x1 = load_input(args.x1)
-    x2 = None if args.x2 is None else load_input(args.x2)
+    x1 = load_input(args.x1, "--x1")
+    x2 = None if args.x2 is None else load_input(args.x2, "--x2")
     _enable_x64_for(x1)
-    apply_fn, params = load_model(args.model)
+    apply_fn, params = load_model(args.model, dict(args.model_arg))
     the_plan = plan(
         apply_fn,
         params,
@@ -187,6 +254,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         probe=not args.no_probe,
         cache=args.cache,
         precision=args.precision,
+        **_checks(args),
     )
     print(the_plan.to_json() if args.json else the_plan)
     return 0
@@ -197,6 +265,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
     store = open_store(args.store)
     done, total = store.progress()
+    job = store.spec.readable()
     if args.json:
         print(
             json.dumps(
@@ -204,6 +273,13 @@ def _cmd_status(args: argparse.Namespace) -> int:
                     "done": done,
                     "total": total,
                     "complete": done == total,
+                    "job": job,
+                    "model_spec": store.spec.model_spec,
+                    "model_name": store.spec.model_name,
+                    "inputs": {
+                        k: None if v is None else v.to_json()
+                        for k, v in store.spec.inputs.items()
+                    },
                     "fingerprint": store.fingerprint,
                     "fields": store.fields,
                     "plan": json.loads(store.plan.to_json()),
@@ -214,15 +290,35 @@ def _cmd_status(args: argparse.Namespace) -> int:
     print(f"store        {store.path}")
     print(
         f"progress     {done}/{total} tiles ({100 * done / max(1, total):.0f}%)"
-        + (" complete" if done == total else "")
+        + (" complete" if done == total else f", {total - done} to compute")
     )
     print(f"lock         {_lock_words(store.path)}")
     print(f"model        {store.spec.model_spec or store.spec.model_name}")
+    print("job          (what the fingerprint covers; hashes: status --json)")
+    for k, v in job.items():
+        where = _input_words(store, k)
+        print(f"  {k:<10} {v}" + (f" ({where})" if where else ""))
     print(f"fingerprint  {store.fingerprint}")
-    for k, v in store.fields.items():
-        print(f"  {k:<10} {v}")
-    print(store.plan)
+    print(_tiles_line(str(store.plan), done, total))
     return 0
+
+
+def _input_words(store: Any, name: str) -> str:
+    """Where the store's input ``name`` is read from, for ``status``."""
+    record = store.spec.inputs.get(name)
+    if record is None:
+        return ""
+    if not record.root:
+        return f"copied into the store, {record.path}"
+    return f"read from {record.root}" + (f" at {record.path}" if record.path else "")
+
+
+def _tiles_line(plan_text: str, done: int, total: int) -> str:
+    """The plan's text with its tiles line saying what is left, not the plan's
+    total ("tiles to compute 6" of a finished store)."""
+    left = "complete" if done == total else f"{total - done} to compute"
+    line = f"{'tiles':<20}{total} in all, {done} done, {left}"
+    return re.sub(r"^tiles to compute\s+\d+", line, plan_text, flags=re.M)
 
 
 def _lock_words(path: str) -> str:

@@ -1,15 +1,22 @@
 """Loading what the command line names: a model factory and input arrays.
 
 MODEL is ``path/to/file.py:factory`` or ``package.module:factory``, where
-``factory()`` returns ``(apply_fn, params)``. Inputs are ``.npy`` files,
-``.npz`` files with a key (``data.npz:x``), or Zarr array paths.
+``factory(**model_args)`` returns ``(apply_fn, params)``; the arguments come
+from ``--model-arg KEY=VALUE`` and are recorded in the store's model spec as a
+call, ``/abs/model.py:make(width=512)``, which :func:`load_model` reads back.
+Every input a subcommand reads (``--x1``, ``--labels``, ...) is a ``.npy``
+file, a ``.npz`` file with a key (``data.npz:x``), or a Zarr array path, read
+by :func:`load_input`.
 """
 
 from __future__ import annotations
 
+import argparse
+import ast
 import hashlib
 import importlib
 import importlib.util
+import inspect
 import os
 import sys
 from typing import Any
@@ -17,16 +24,66 @@ from typing import Any
 from .._errors import InputError, ModelError
 
 
-def load_model(spec: str) -> tuple[Any, Any]:
+def model_arg(text: str) -> tuple[str, Any]:
+    """One ``--model-arg KEY=VALUE``: VALUE as a Python literal, else a string.
+
+    Example:
+        >>> model_arg("width=512"), model_arg("ckpt=run3.npz")
+        (('width', 512), ('ckpt', 'run3.npz'))
+    """
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not KEY=VALUE with KEY a Python name; e.g. "
+            "--model-arg width=512 or --model-arg ckpt=run3.npz"
+        )
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return key, value
+
+
+def split_model_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``("file.py:make", {"width": 512})`` from ``"file.py:make(width=512)"``.
+
+    Raises:
+        InputError: the call part is not keyword arguments with literal values.
+    """
+    open_at = spec.find("(")
+    if open_at < 0 or not spec.endswith(")"):
+        return spec, {}
+    head, call = spec[:open_at], spec[open_at:]
+    try:
+        node = ast.parse("f" + call, mode="eval").body
+        if not isinstance(node, ast.Call) or node.args:
+            raise ValueError("positional arguments")
+        kwargs = {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords}
+        if None in kwargs:
+            raise ValueError("**kwargs")
+    except (ValueError, SyntaxError, TypeError) as err:
+        raise InputError(
+            f"MODEL={spec!r}: its arguments {call} are not KEY=VALUE pairs of "
+            f"Python literals ({err}); e.g. models/mlp.py:make(width=512)."
+        ) from err
+    return head, {str(k): v for k, v in kwargs.items()}
+
+
+def load_model(spec: str, model_args: dict[str, Any] | None = None) -> tuple[Any, Any]:
     """``(apply_fn, params)`` from ``file.py:factory`` or ``package.module:factory``.
 
+    The factory is called with ``model_args`` as keyword arguments, after any
+    the spec itself names (``file.py:make(width=512)``, as stores record it).
     A module loaded from a file is registered for pickling by value, so
     worker processes that cannot import it still receive the model.
 
     Raises:
-        InputError: the file, module or factory does not exist.
+        InputError: the file, module or factory does not exist, or the
+            factory takes no such keyword argument.
         ModelError: the factory fails or returns something else.
     """
+    spec, named = split_model_spec(spec)
+    kwargs = {**named, **(model_args or {})}
     target, sep, name = spec.rpartition(":")
     if not sep or not target or not name:
         raise InputError(
@@ -81,8 +138,9 @@ def load_model(spec: str) -> tuple[Any, Any]:
             f"MODEL {spec!r}: {target} has no callable {name!r}; expected a "
             "function factory() returning (apply_fn, params)."
         )
+    _check_accepts(factory, spec, kwargs)
     try:
-        result = factory()
+        result = factory(**kwargs)
     except Exception as err:
         raise ModelError(
             f"MODEL factory {spec!r} raised {type(err).__name__}: {err}"
@@ -100,31 +158,69 @@ def load_model(spec: str) -> tuple[Any, Any]:
     return result[0], result[1]
 
 
-def canonical_model_spec(spec: str) -> str:
-    """The spec with a file path made absolute (recorded in the store)."""
+def _check_accepts(factory: Any, spec: str, kwargs: dict[str, Any]) -> None:
+    """Refuse keyword arguments the factory's signature does not take."""
+    if not kwargs:
+        return
+    try:
+        sig = inspect.signature(factory)
+    except (TypeError, ValueError):
+        return  # no signature to check against (a builtin): let the call say
+    params = sig.parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return
+    takes = {
+        p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
+    for key in kwargs:
+        if key not in takes:
+            raise InputError(
+                f"MODEL factory {spec!r} takes no keyword argument {key!r} (given "
+                f"by --model-arg {key}=...); its signature is "
+                f"{getattr(factory, '__name__', 'factory')}{sig}."
+            )
+
+
+def canonical_model_spec(spec: str, model_args: dict[str, Any] | None = None) -> str:
+    """The spec as the store records it: a file path made absolute, the
+    factory's arguments written as a call (``/abs/mlp.py:make(width=512)``).
+
+    Example:
+        >>> canonical_model_spec("pkg.models:make", {"width": 512, "act": "relu"})
+        "pkg.models:make(width=512, act='relu')"
+    """
+    spec, named = split_model_spec(spec)
+    kwargs = {**named, **(model_args or {})}
     target, _, name = spec.rpartition(":")
     if target.endswith(".py") or os.sep in target:
-        return f"{os.path.abspath(target)}:{name}"
+        spec = f"{os.path.abspath(target)}:{name}"
+    if kwargs:
+        spec += "(" + ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) + ")"
     return spec
 
 
-def load_input(spec: str) -> Any:
+FORMS = "x.npy, x.npz:KEY or a Zarr array directory"
+
+
+def load_input(spec: str, flag: str = "input") -> Any:
     """An input array from ``x.npy``, ``x.npz:key`` or a Zarr array path.
 
-    ``.npy`` files are memory-mapped; Zarr arrays stay on disk and are read
-    tile by tile by the workers.
+    The one reader of every array a subcommand takes (``--x1``, ``--labels``,
+    ...); ``flag`` names the option in its messages. ``.npy`` files are
+    memory-mapped; Zarr arrays stay on disk and are read tile by tile by the
+    workers; a ``.npz`` member is read whole.
 
     Raises:
         InputError: the file does not exist or holds no such array.
     """
     path, key = spec, None
-    if ".npz:" in spec:
-        path, key = spec.rsplit(":", 1)
+    head, sep, tail = spec.rpartition(":")
+    if sep and head.endswith(".npz"):
+        path, key = head, tail
     if not os.path.exists(path):
         raise InputError(
-            f"input {spec!r} does not exist (looked at "
-            f"{os.path.abspath(path)}); expected a .npy file, a .npz "
-            "file with :key, or a Zarr array directory."
+            f"{flag} {spec}: no such file or directory (looked at "
+            f"{os.path.abspath(path)}); expected {FORMS}."
         )
     import numpy as np
 
@@ -135,31 +231,49 @@ def load_input(spec: str) -> Any:
             dtype = _npy_dtype(path)
             if dtype is not None and dtype.hasobject:
                 raise InputError(
-                    f"input {spec!r} holds an array of Python objects (dtype "
+                    f"{flag} {spec} holds an array of Python objects (dtype "
                     f"{dtype}), not numbers; save a numeric array instead, e.g. "
                     "np.save(path, np.asarray(x, dtype=np.float32))."
                 ) from err
-            raise InputError(f"input {spec!r} cannot be read as .npy: {err}") from err
+            raise InputError(f"{flag} {spec} cannot be read as .npy: {err}") from err
     if path.endswith(".npz"):
-        with np.load(path) as data:
-            keys = list(data.keys())
-            if key is None and len(keys) == 1:
-                key = keys[0]
-            if key not in keys:
-                raise InputError(
-                    f"input {spec!r}: the .npz holds {keys}; pass "
-                    f"{path}:KEY with one of them."
-                )
-            return data[key]
+        return _npz_member(path, key, flag)
     import zarr
 
     try:
         return zarr.open_array(store=path, mode="r")
     except Exception as err:
         raise InputError(
-            f"input {spec!r} is neither .npy, .npz nor a Zarr "
-            f"array ({type(err).__name__}: {err})."
+            f"{flag} {spec} is neither a .npy file, a .npz file nor a Zarr array "
+            f"({type(err).__name__}: {err}); expected {FORMS}."
         ) from err
+
+
+def _npz_member(path: str, key: str | None, flag: str) -> Any:
+    """The array ``key`` of a ``.npz`` file (its only one when ``key`` is None)."""
+    import numpy as np
+
+    try:
+        data = np.load(path)
+    except Exception as err:
+        raise InputError(
+            f"{flag} {path} cannot be read as .npz ({type(err).__name__}: {err})."
+        ) from err
+    with data:
+        keys = list(data.keys())
+        if key is None and len(keys) == 1:
+            key = keys[0]
+        if key is None:
+            raise InputError(
+                f"{flag} {path} holds {len(keys)} arrays ({', '.join(keys)}); name "
+                f"one as {path}:KEY, e.g. {flag} {path}:{keys[0] if keys else 'x'}."
+            )
+        if key not in keys:
+            raise InputError(
+                f"{flag} {path}:{key}: {path} has no array {key!r}; it holds "
+                f"{', '.join(keys) or 'none'} (pass {path}:KEY with one of them)."
+            )
+        return data[key]
 
 
 def _npy_dtype(path: str) -> Any:

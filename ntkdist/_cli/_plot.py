@@ -9,6 +9,7 @@ import argparse
 import sys
 
 from .._errors import NtkdistError
+from ._messages import in_cli_words
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -48,7 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="most samples drawn per axis; longer blocks are strided (default 2048)",
     )
     p.add_argument("--title", help="replace the title")
-    p.set_defaults(func=run_plot)
+    p.set_defaults(func=in_cli_words(run_plot))
 
 
 def _span(text: str) -> tuple[int, int]:
@@ -76,7 +77,9 @@ def run_plot(args: argparse.Namespace) -> int:
 
     try:
         kernel = load_kernel(args.store)
-        labels = None if args.labels is None else load_input(args.labels)
+        labels = (
+            None if args.labels is None else load_input(args.labels, "--labels")
+        )
         path = plot_kernel(
             kernel,
             args.out,

@@ -427,8 +427,6 @@ def _deltas_first(o: int, t1: int, t2: int) -> bool:
 
 def _full_deltas_first(ga: jax.Array, d1: jax.Array, d2: jax.Array) -> jax.Array:
     """``Σ_{t,u} ga[i,j,t,u] Σ_f d1[i,a,t,f] d2[j,c,u,f]``: one GEMM over ``f``."""
-    n1, o, b, t1, f = d1.shape
-    n2, _, _, t2, _ = d2.shape
     e = jnp.einsum("iabtf,jcbuf->iabtjcu", d1, d2)
     return jnp.einsum("ijbtu,iabtjcu->iajc", ga, e)
 

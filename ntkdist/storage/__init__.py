@@ -8,6 +8,7 @@ from ._fingerprint import (
     fingerprint as fingerprint,
     model_digest as model_digest,
     params_digest as params_digest,
+    resume_words as resume_words,
 )
 from ._lock import StoreLock as StoreLock, lock_path as lock_path
 from ._spec import InputRecord as InputRecord, StoreSpec as StoreSpec

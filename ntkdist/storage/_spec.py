@@ -71,6 +71,9 @@ class StoreSpec:
         plan: the tile plan the store was created for.
         fields: fingerprint fields, name -> short hash.
         fingerprint: the hash over ``fields``.
+        described: fingerprint fields, name -> a short description a reader
+            can compare (``trace``, ``float32 [1797, 64]``, params' leaves and
+            sum); stores written before it have none (see :meth:`readable`).
         strategy: the strategy's name (``plan.strategy``).
         strategy_repr: the strategy instance's ``repr``.
         precision: the float32 matmul precision of the job; stores written
@@ -93,6 +96,7 @@ class StoreSpec:
     plan: Plan
     fields: Mapping[str, str]
     fingerprint: str
+    described: Mapping[str, str] = dataclasses.field(default_factory=dict)
     strategy: str = ""
     strategy_repr: str = ""
     precision: str = "default"
@@ -127,6 +131,7 @@ class StoreSpec:
             "tile": [p.tile_rows, p.tile_cols],
             "fields": dict(self.fields),
             "fingerprint": self.fingerprint,
+            "described": dict(self.described),
             "model_spec": self.model_spec,
             "model_name": self.model_name,
             "inputs": {
@@ -138,6 +143,38 @@ class StoreSpec:
             "plan": json.loads(p.to_json()),
         }
 
+    def readable(self) -> dict[str, str]:
+        """Each fingerprint field as a reader can compare it.
+
+        The recorded description where there is one; else what the spec
+        itself says (output, strategy, dtype, precision, tile, inputs,
+        versions), so stores written before descriptions were recorded read
+        the same; else (model, params of such stores) the hash.
+        """
+        p = self.plan
+        known = {
+            "output": p.output,
+            "strategy": self.strategy_repr or self.strategy,
+            "dtype": p.dtype,
+            "precision": self.precision,
+            "tile": f"{p.tile_rows}x{p.tile_cols}",
+            "versions": ", ".join(
+                f"{k} {self.versions[k]}"
+                for k in ("ntkdist", "jax")
+                if k in self.versions
+            ),
+        }
+        for name, record in self.inputs.items():
+            known[name] = (
+                "symmetric"
+                if record is None
+                else f"{record.dtype} [{', '.join(str(s) for s in record.shape)}]"
+            )
+        return {
+            k: self.described.get(k) or known.get(k) or v
+            for k, v in self.fields.items()
+        }
+
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> StoreSpec:
         """The spec of a store's ``attrs["ntkdist"]`` (any version written so far)."""
@@ -146,6 +183,7 @@ class StoreSpec:
             plan=Plan.from_json(data["plan"]),
             fields=dict(data.get("fields", {})),
             fingerprint=str(data.get("fingerprint", "")),
+            described=dict(data.get("described", {})),
             strategy=str(data.get("strategy", "")),
             strategy_repr=str(data.get("strategy_repr", "")),
             precision=str(data.get("precision", "default")),
