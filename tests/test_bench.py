@@ -190,3 +190,51 @@ def test_ooc_section_killed_resumed_dask(tmp_path):
     _check_ooc(r, tmp_path)
     # the CLI, its workers and their nannies were all watched
     assert r["ooc"]["first_run"]["peak_processes"] >= 3
+
+
+@pytest.mark.slow
+def test_real_section_resnet_tile_and_engine(tmp_path):
+    """The ``real`` section: a ResNet-18 tile in its own process, and a whole kernel."""
+    out = tmp_path / "r.json"
+    rc = bench.main(
+        [
+            "--sections",
+            "real",
+            "--real-cases",
+            "resnet18-cifar-w16",
+            "--real-tiles",
+            "2",
+            "--outputs",
+            "trace",
+            "--repeats",
+            "1",
+            "--real-engine",
+            "resnet18-cifar-w16:6",
+            "--executor",
+            "serial",
+            "--json",
+            str(out),
+        ]
+    )
+    assert rc == 0
+    result = json.loads(out.read_text())
+    (row,) = result["real"]
+    assert row["case"] == "resnet18-cifar-w16" and row["params"] == 701_466
+    assert row["strategy"] in STRATEGIES and row["seconds"] > 0
+    assert row["peak_rss_bytes"] > row["rss_before_bytes"] > 0
+    assert row["plan_worker_bytes"] > 0 and 0 < row["fraction_of_gemm"] < 2
+    engine = result["real_engine"]
+    assert engine["n"] == 6 and engine["tiles"] >= 1 and engine["seconds"] > 0
+
+
+def test_real_models_match_their_descriptions():
+    """ResNet-18 (11.2 M parameters) and ViT-tiny (1.8 M) map images to 10 outputs."""
+    import jax.numpy as jnp
+
+    from ntkdist._bench._models import REAL_CASES, n_params
+
+    sizes = {"resnet18-cifar": 11_173_962, "vit-tiny": 1_803_466}
+    for name, want in sizes.items():
+        fn, params, shape = REAL_CASES[name]()
+        assert n_params(params) == want
+        assert fn(params, jnp.ones((2, *shape), jnp.float32)).shape == (2, 10)
