@@ -72,9 +72,9 @@ def make_executor(
         return executor
     if executor == "serial":
         return SerialExecutor()
-    if executor not in (None, "dask"):
+    if executor not in (None, "dask", "auto"):  # auto: compute chooses first
         raise InputError(
-            f"executor={executor!r}; expected 'dask', 'serial' or an "
+            f"executor={executor!r}; expected 'auto', 'dask', 'serial' or an "
             "AbstractExecutor instance."
         )
     return DaskExecutor(
@@ -347,6 +347,7 @@ def run_tiles(
 
     with runner:
         bar = Progress(done=done, total=total, stream=out, enabled=progress)
+        bar.rate.warmup = runner.n_workers  # each worker's first tile compiles
         report = _Reporter(kstore.path, bar, out, runner)
         runner.on_event = report
 
