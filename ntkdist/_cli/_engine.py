@@ -324,6 +324,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"ntkdist {args.command}: error: {err}", file=sys.stderr)
             return EXIT_ERROR
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: stopped, not crashed
+            import logging
+
+            logging.disable(logging.CRITICAL)  # Dask's leftovers, until exit
             _say_interrupted(args)
             return signals.exit_status()
 

@@ -153,6 +153,14 @@ class DaskExecutor(AbstractExecutor):
 
     def __enter__(self) -> DaskExecutor:
         """Connect to, or start, the cluster; register the JAX plugin."""
+        try:
+            self._start()
+        except BaseException as err:  # Ctrl-C while starting: close what started
+            self.__exit__(type(err), err, err.__traceback__)
+            raise
+        return self
+
+    def _start(self) -> None:
         if self.client is None:
             if self.address is not None:
                 self.client = Client(self.address)
@@ -180,7 +188,6 @@ class DaskExecutor(AbstractExecutor):
             out = self.stream or sys.stderr
             out.write(f"[ntkdist] Dask dashboard: {link}\n")
             out.flush()
-        return self
 
     def __exit__(self, kind: object, *exc: object) -> None:
         """Close what this executor started (quietly after an interrupt)."""
