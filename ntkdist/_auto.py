@@ -25,6 +25,9 @@ from .storage import KernelStore, StoreSpec, store_state
 # in-process: about what an embedded cluster takes to start its workers and
 # compile in each of them (5-10 s on a laptop, more on a loaded node).
 IN_PROCESS_SECONDS = 20.0
+# Seconds each tile costs beyond the plan's FLOPs and bytes (its task, its
+# chunk and marker writes): what makes a job of many small tiles slow.
+TILE_OVERHEAD_SECONDS = 0.015
 
 
 def tiles_left(path: str, fields: dict[str, str], plan: Plan) -> int:
@@ -122,7 +125,8 @@ def _seconds_left(plan: Plan, left: int) -> float | None:
     est = plan.est_seconds
     if est is None:
         return None
-    return est * left / max(1, plan.n_tiles)
+    per_tile = est / max(1, plan.n_tiles) + TILE_OVERHEAD_SECONDS / plan.workers
+    return per_tile * left
 
 
 def say_plan(out: TextIO, plan: Plan, left: int, why: str) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import TextIO
+from typing import TextIO, final
 
 # Seconds between lines when the stream is not a terminal.
 LINE_EVERY = 5.0
@@ -17,6 +17,7 @@ LINE_EVERY = 5.0
 REDRAW_EVERY = 0.2
 
 
+@final
 class Rate:
     """Tiles per second after warm-up: from the ``warmup``-th finished tile on.
 
