@@ -16,10 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _inputs
+from ._auto import plan_and_choose, say_plan, tiles_left
 from ._job import prepare
 from ._model import ApplyFn, Model, as_model
 from ._planner import Plan, Tile
-from ._planning import plan_job, plan_to_run
+from ._planning import plan_job
 from ._precision import (
     DEFAULT as DEFAULT_PRECISION,
     applies_precision,
@@ -28,6 +29,7 @@ from ._precision import (
 from ._run import (
     create_or_resume,
     finished,
+    job_fields,
     locked,
     make_executor,
     remove_leftovers,
@@ -227,7 +229,7 @@ def compute(
     client: Any = None,
     scheduler: str | None = None,
     workers: int | None = None,
-    executor: str | AbstractExecutor | None = None,
+    executor: str | AbstractExecutor | None = "auto",
     overwrite: bool = False,
     progress: bool = True,
     model_spec: str | None = None,
@@ -274,10 +276,14 @@ def compute(
         scheduler: a scheduler address to connect to (instead of ``client``).
         workers: worker processes of the embedded ``LocalCluster`` (used when
             neither ``client`` nor ``scheduler`` is given; default CPU count).
-        executor: ``"serial"`` (in this process), ``"dask"`` (default), or an
-            executor instance.
+        executor: ``"auto"`` (default): in this process when the plan
+            predicts under 20 s of tiles here (less than a cluster's
+            start-up), else as ``"dask"``; ``workers``, ``scheduler`` or
+            ``client`` mean a cluster. ``"serial"`` (in this process),
+            ``"dask"`` (``None`` too: a cluster), or an executor instance.
         overwrite: discard an existing store of a different job and start over.
-        progress: print the dashboard address and a progress bar to ``stream``.
+        progress: print the plan, where tiles run, the dashboard address
+            and a progress bar to ``stream``.
         model_spec: the ``file.py:factory`` spec recorded for ``verify --repair``.
         window: tile futures in flight (default two per worker thread).
         retries: retries of a failed tile task.
@@ -325,26 +331,35 @@ def compute(
         check_independence=check_independence,
         integer_inputs=integer_inputs,
     )
-    runner = make_executor(
-        executor,
-        client=client,
-        scheduler=scheduler,
-        workers=workers,
-        x64=job.dtype == "float64",
-        window=window,
-        retries=retries,
-        resources=resources,
-        stream=out,
-        verbose=progress,
-    )
-    job, the_plan = plan_to_run(
+    def make(name: Any) -> AbstractExecutor:
+        return make_executor(
+            name,
+            client=client,
+            scheduler=scheduler,
+            workers=workers,
+            x64=job.dtype == "float64",
+            window=window,
+            retries=retries,
+            resources=resources,
+            stream=out,
+            verbose=progress,
+        )
+
+    stored = None if overwrite else stored_spec(path)
+    embedded = client is None and scheduler is None
+    job, the_plan, runner, why = plan_and_choose(
         job,
+        executor=executor,
+        make=make,
+        forced=not embedded or workers is not None,
         tile=tile,
         memory_budget=memory_budget,
-        workers=runner.n_workers,
         cache=cache,
-        stored=None if overwrite else stored_spec(path),
+        stored=stored,
         given=plan,
+        left=lambda j, p: tiles_left(path, job_fields(j, p), p),
+        # A rate measured here predicts an embedded cluster's, not another's.
+        probe=progress and embedded,
     )
     if not overwrite and (done := finished(path, job, the_plan)) is not None:
         if progress:
@@ -354,6 +369,9 @@ def compute(
             )
             out.flush()
         return done
+    if progress:
+        left = tiles_left(path, job_fields(job, the_plan), the_plan)
+        say_plan(out, the_plan, left, why)
     with locked(path, out) as lock:
         kstore = create_or_resume(
             path, job, the_plan, overwrite=overwrite, model_spec=model_spec

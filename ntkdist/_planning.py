@@ -128,7 +128,10 @@ def plan_job(
     if probe:
         rate, factor_rate = measure_rate(job, best, cost)
         best = dataclasses.replace(
-            best, flop_rate=rate, factor_rate=factor_rate, parallel=_parallel(workers)
+            best,
+            flop_rate=rate,
+            factor_rate=factor_rate,
+            parallel=parallel_over(workers),
         )
     return job, best
 
@@ -161,13 +164,15 @@ def plan_to_run(
     cache: str,
     stored: StoreSpec | None = None,
     given: Plan | None = None,
+    probe: bool = False,
 ) -> tuple[Job, Plan]:
     """The plan ``compute`` executes, and the job with its strategy.
 
     ``given`` (a plan from :func:`ntkdist.plan`) is executed as it is, once
     checked against the job. Otherwise the job is planned as ``plan`` plans
     it, except that a resumed store (``stored``) keeps its tile, its cache
-    level and, under ``strategy="auto"``, its strategy.
+    level and, under ``strategy="auto"``, its strategy. ``probe`` times a
+    probe tile here to predict the wall time.
 
     Raises:
         InputError: ``given`` was made for another job.
@@ -186,7 +191,7 @@ def plan_to_run(
         tile=tile,
         memory_budget=memory_budget,
         workers=workers,
-        probe=False,
+        probe=probe,
         cache=cache,
     )
 
@@ -221,7 +226,7 @@ def _adopt(job: Job, plan: Plan) -> Job:
     return job
 
 
-def _parallel(workers: int) -> int:
+def parallel_over(workers: int) -> int:
     """Devices a rate measured here scales over: one per worker on accelerators;
     on CPU the probe already used every core the workers would share."""
     return workers if jax.default_backend() != "cpu" else 1

@@ -129,9 +129,11 @@ def _exec_args(p: argparse.ArgumentParser, default: str) -> None:
     )
     p.add_argument(
         "--executor",
-        choices=["dask", "serial"],
+        choices=["auto", "dask", "serial"],
         default=default,
-        help=f"where tiles run (default {default})",
+        help=f"where tiles run (default {default}; auto: in this process when "
+        "the plan predicts under 20 s of tiles, less than a cluster's start-up, "
+        "else on a Dask cluster; --workers or --scheduler mean a cluster)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
@@ -150,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="discard a store of a different job and start over",
     )
-    _exec_args(c, "dask")
+    _exec_args(c, "auto")
     c.set_defaults(func=in_cli_words(_cmd_compute))
     p = sub.add_parser("plan", help="print the plan of a job without computing")
     _job_args(p)
@@ -409,12 +411,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .._hugepages import reexec_with_huge_pages
 
         reexec_with_huge_pages()
-    try:
-        rc = args.func(args)
-        return 0 if rc is None else int(rc)
-    except NtkdistError as err:
-        print(f"ntkdist {args.command}: error: {err}", file=sys.stderr)
-        return EXIT_ERROR
+    from .._interrupt import interrupt_on_signals
+
+    with interrupt_on_signals() as signals:
+        try:
+            rc = args.func(args)
+            return 0 if rc is None else int(rc)
+        except NtkdistError as err:
+            print(f"ntkdist {args.command}: error: {err}", file=sys.stderr)
+            return EXIT_ERROR
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: stopped, not crashed
+            import logging
+
+            logging.disable(logging.CRITICAL)  # Dask's leftovers, until exit
+            _say_interrupted(args)
+            return signals.exit_status()
+
+
+def _say_interrupted(args: argparse.Namespace) -> None:
+    """One line after Ctrl-C or SIGTERM: what is on disk, and how to go on."""
+    from .._interrupt import interrupted_message
+
+    path = getattr(args, "out", None) if args.command == "compute" else None
+    text = interrupted_message(path) if path else "interrupted."
+    start = "\n" if sys.stderr.isatty() else ""  # end a progress line first
+    print(f"{start}ntkdist {args.command}: {text}", file=sys.stderr)
 
 
 if __name__ == "__main__":

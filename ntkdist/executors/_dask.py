@@ -20,8 +20,10 @@ from distributed import (
 )
 from distributed.client import FutureCancelledError
 from distributed.comm.core import CommClosedError
+from distributed.diagnostics.plugin import WorkerPlugin
 from distributed.scheduler import KilledWorker
 
+from .._interrupt import ignore_sigint, quiet_logs
 from .._model import Model
 from .._planner import Tile
 from ..storage._space import WriteFault
@@ -40,6 +42,20 @@ THREADS_PER_WORKER = 2
 RETRIES = 3
 # Times a tile is submitted again after its worker was lost mid-tile.
 LOST_RESUBMITS = 3
+# Seconds an interrupted job waits for its embedded cluster to close.
+CLOSE_TIMEOUT = 10
+
+
+@final
+class IgnoreSigint(WorkerPlugin):
+    """Embedded workers ignore SIGINT: a terminal's Ctrl-C reaches the whole
+    process group, and the coordinator closes the workers itself."""
+
+    name = "ntkdist-ignore-sigint"
+
+    def setup(self, worker: Any) -> None:
+        """Ignore SIGINT in this worker process."""
+        ignore_sigint()
 
 
 def default_workers() -> int:
@@ -137,6 +153,14 @@ class DaskExecutor(AbstractExecutor):
 
     def __enter__(self) -> DaskExecutor:
         """Connect to, or start, the cluster; register the JAX plugin."""
+        try:
+            self._start()
+        except BaseException as err:  # Ctrl-C while starting: close what started
+            self.__exit__(type(err), err, err.__traceback__)
+            raise
+        return self
+
+    def _start(self) -> None:
         if self.client is None:
             if self.address is not None:
                 self.client = Client(self.address)
@@ -156,22 +180,34 @@ class DaskExecutor(AbstractExecutor):
                 )
                 self.client = Client(self._cluster)
             self._own_client = True
+        if self._cluster is not None:
+            self.client.register_plugin(IgnoreSigint())
         self.client.register_plugin(JaxWorkerPlugin(self.x64))
         if self.verbose:
             link = self.client.dashboard_link or "(no dashboard: install bokeh)"
             out = self.stream or sys.stderr
             out.write(f"[ntkdist] Dask dashboard: {link}\n")
             out.flush()
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        """Close what this executor started."""
-        if self._own_client and self.client is not None:
-            self.client.close()
-            self.client = None
-        if self._cluster is not None:
-            self._cluster.close()
-            self._cluster = None
+    def __exit__(self, kind: object, *exc: object) -> None:
+        """Close what this executor started (quietly after an interrupt)."""
+        if kind is not None and not (
+            isinstance(kind, type) and issubclass(kind, Exception)
+        ):
+            with quiet_logs():  # KeyboardInterrupt: no shutdown noise
+                self._close(CLOSE_TIMEOUT)
+            return
+        self._close(None)
+
+    def _close(self, timeout: float | None) -> None:
+        try:
+            if self._own_client and self.client is not None:
+                self.client.close(timeout=timeout)
+        finally:
+            self.client = None if self._own_client else self.client
+            if self._cluster is not None:
+                cluster, self._cluster = self._cluster, None
+                cluster.close(timeout=timeout)
 
     @property
     def n_workers(self) -> int:
