@@ -399,8 +399,8 @@ def test_dockerfile_installs_cuda_jax_and_copies_the_project():
     sources = {source for group in copies for source in group}
     # What a pip install of the project reads: its metadata, readme and package.
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    assert sources == {"pyproject.toml", project["readme"], "ntkdist"}
-    assert (ROOT / "ntkdist" / "__init__.py").is_file()
+    assert sources == {"pyproject.toml", project["readme"], "src"}
+    assert (ROOT / "src" / "ntkdist" / "__init__.py").is_file()
     assert any(ln.startswith('RUN pip install ".${EXTRAS}"') for ln in lines)
 
 

@@ -7,7 +7,7 @@ import pathlib
 
 import pytest
 
-ROOT = pathlib.Path(__file__).parents[1] / "ntkdist"
+ROOT = pathlib.Path(__file__).parents[1] / "src" / "ntkdist"
 HEAVY = {"jax", "dask", "distributed", "zarr"}
 
 
@@ -146,3 +146,23 @@ def test_no_module_is_over_500_lines(name):
     lines = len(MODULES[name].read_text().splitlines())
     limit = LONG.get(name, 520)
     assert lines <= limit, f"{name} has {lines} lines; split it by what it does"
+
+
+def test_a_folder_named_ntkdist_beside_a_script_does_not_shadow_the_package(tmp_path):
+    """A script run next to the clone (a folder called ``ntkdist`` without an
+    ``__init__.py``, the repository root) imports the installed package."""
+    import subprocess
+    import sys
+
+    (tmp_path / "ntkdist").symlink_to(ROOT.parents[1], target_is_directory=True)
+    script = tmp_path / "use.py"
+    script.write_text("import ntkdist\nprint(ntkdist.open.__module__)\n")
+    out = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ntkdist._api"
