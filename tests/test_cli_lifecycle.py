@@ -128,6 +128,16 @@ def test_small_job_runs_in_process_and_prints_its_plan(tmp_path):
     assert took < 60, took
 
 
+def test_plan_says_where_compute_would_run(tmp_path):
+    root = _files(tmp_path, 40)
+    cmd = _cmd(root, root / "k.zarr", "--output", "trace", "--tile", "16")
+    plan = [*cmd[:3], "plan", *cmd[4:7]]  # MODEL --x1 X: no --out
+    text = _run([*plan, "--output", "trace", "--tile", "16"], root)
+    assert "compute runs this job in-process: predicted" in text, text
+    text = _run([*plan, "--output", "trace", "--workers", "2"], root)
+    assert "compute runs this job" not in text  # a worker count forces a cluster
+
+
 @pytest.mark.cluster
 def test_workers_force_a_cluster(tmp_path):
     root = _files(tmp_path, 40)

@@ -437,3 +437,26 @@ def test_first_differing_row_and_descriptions():
     )
     with pytest.raises(ResumeMismatchError, match=r"x1 \(stored h1, now h2\)"):
         check_same_job(stored, new, "s")  # no words: the hashes, as before
+
+
+def test_repair_with_other_params_is_refused_in_values(files):
+    """``repair`` given params that are not the store's says what they are."""
+    import shutil
+
+    import jax.numpy as jnp
+
+    from ntkdist._api import repair
+
+    fn, params = load_model(f"{files}/model.py:make")
+    x = np.load(files / "x.npy")
+    path = files / "r.zarr"
+    ntkdist.compute(
+        fn, params, x, store=path, tile=8, executor="serial", progress=False
+    )
+    shutil.rmtree(path / "kernel" / "c" / "0" / "0")  # one tile's chunk is gone
+    other = {k: jnp.asarray(v) * 2 for k, v in params.items()}
+    with pytest.raises(ResumeMismatchError) as err:
+        repair(path, fn, other, executor="serial", progress=False)
+    text = str(err.value)
+    assert "params (stored 2 leaves" in text and "float32 [3, 8]" in text, text
+    assert "sum" in text

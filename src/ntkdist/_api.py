@@ -41,7 +41,8 @@ from ._units import parse_bytes
 from .executors import AbstractExecutor, read_block
 from .executors._dask import default_workers
 from .kernels import AbstractKernelStrategy, compute_tile
-from .storage import KernelStore, check_same_job, model_digest, params_digest
+from .storage import KernelStore, check_same_job, params_digest
+from .storage._fingerprint import describe_params, model_fingerprint
 
 
 @applies_precision
@@ -438,11 +439,15 @@ def repair(
             spec = tile_spec(kstore)
             probe = read_block(spec.x1, (0, 1), 1)
             with matmul_precision(spec.precision):
-                new = {
-                    "model": model_digest(model, params, probe),
-                    "params": params_digest(params),
-                }
-            check_same_job({k: kstore.fields[k] for k in new}, new, path)
+                digest, model_words = model_fingerprint(model, params, probe)
+            new = {"model": digest, "params": params_digest(params)}
+            check_same_job(
+                {k: kstore.fields[k] for k in new},
+                new,
+                path,
+                stored_words=kstore.spec.readable(),
+                new_words={"model": model_words, "params": describe_params(params)},
+            )
             # Missing tiles may still have a marker (their chunk was deleted).
             marked = kstore.markers()
             kstore.clear_tiles([t for t in holes if marked[t.i, t.j]] + corrupt)

@@ -129,6 +129,25 @@ def _seconds_left(plan: Plan, left: int) -> float | None:
     return per_tile * left
 
 
+def where_compute_runs(plan: Plan) -> str | None:
+    """What ``compute`` with ``executor="auto"`` would do with ``plan`` (a plan
+    with a probe, for its workers); ``None`` where the plan has no time."""
+    if plan.est_seconds is None:
+        return None
+    parallel = max(1, min(plan.parallel or plan.workers, plan.n_tiles))
+    one = plan.est_seconds * parallel + TILE_OVERHEAD_SECONDS * plan.n_tiles
+    if one < IN_PROCESS_SECONDS:
+        return (
+            f"compute runs this job in-process: predicted {_seconds(one)} of tiles "
+            f"in one process, less than a cluster's start-up (--workers N, "
+            "--scheduler or --executor dask force a cluster)"
+        )
+    return (
+        f"compute runs this job on a Dask cluster: predicted {_seconds(one)} of "
+        f"tiles in one process, at least {IN_PROCESS_SECONDS:.0f} s"
+    )
+
+
 def say_plan(out: TextIO, plan: Plan, left: int, why: str) -> None:
     """The plan in two or three lines, before the first tile."""
     est = _seconds_left(plan, left)

@@ -259,6 +259,12 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         **_checks(args),
     )
     print(the_plan.to_json() if args.json else the_plan)
+    if not args.json and args.workers is None:
+        from .._auto import where_compute_runs
+
+        where = where_compute_runs(the_plan)
+        if where:
+            print(where)
     return 0
 
 
