@@ -233,6 +233,42 @@ def test_signal_to_a_cluster_job_stops_it_quietly(tmp_path, reference, sig):
     _interrupt_then_resume(root, reference, sig, ["--workers", "2"])
 
 
+@pytest.mark.cluster
+def test_ctrl_c_while_the_cluster_starts_is_one_line(tmp_path):
+    """Ctrl-C while the workers still import JAX: no tracebacks from them, nor
+    from Dask closing the half-started cluster at exit."""
+    root = _files(tmp_path, 256)
+    out = root / "k.zarr"
+    proc = subprocess.Popen(
+        [*_cmd(root, out, *SLOW), "--workers", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+        cwd=root,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not out.exists():  # the store is created just before the cluster
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no store within 120 s"
+            time.sleep(0.05)
+        time.sleep(0.5)  # the worker processes are starting
+        os.killpg(proc.pid, signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = stdout + stderr
+    assert proc.returncode == 130, text
+    assert "Traceback" not in text and "ERROR" not in text, text
+    lines = stderr.strip().splitlines()
+    assert all(ln.startswith("[ntkdist]") for ln in lines[:-1]), text
+    assert lines[-1].startswith("ntkdist compute: interrupted: "), text
+    assert _group_gone(proc.pid), "processes of the job's group outlived it"
+
+
 # --- the Python API -----------------------------------------------------------
 
 

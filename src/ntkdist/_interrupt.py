@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from typing import Any, final
@@ -69,6 +71,37 @@ def quiet_logs() -> Iterator[None]:
         yield
     finally:
         logging.disable(before)
+
+
+@contextlib.contextmanager
+def children_stderr(path: str) -> Iterator[None]:
+    """Processes started inside the block write their stderr to ``path``.
+
+    The embedded cluster's worker processes are started inside: a Ctrl-C while
+    they still import JAX (before :func:`ignore_sigint` runs in them) makes
+    each print a traceback, which belongs in a log, not on the terminal. This
+    process's own stderr is back once the block ends; an empty log is removed.
+    """
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    except OSError:  # no stderr to save, or nowhere to write: leave it as it is
+        yield
+        return
+    try:
+        os.dup2(fd, 2)
+        yield
+    finally:
+        try:
+            sys.stderr.flush()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                if os.path.getsize(path) == 0:
+                    os.remove(path)
 
 
 def ignore_sigint() -> None:

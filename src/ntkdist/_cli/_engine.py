@@ -441,7 +441,10 @@ def _say_interrupted(args: argparse.Namespace) -> None:
     path = getattr(args, "out", None) if args.command == "compute" else None
     text = interrupted_message(path) if path else "interrupted."
     start = "\n" if sys.stderr.isatty() else ""  # end a progress line first
-    print(f"{start}ntkdist {args.command}: {text}", file=sys.stderr)
+    print(f"{start}ntkdist {args.command}: {text}", file=sys.stderr, flush=True)
+    # That line is the last word: Dask's exit handlers, closing a cluster
+    # interrupted while it started, would add tracebacks after it.
+    sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (open until exit)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from itertools import islice
 from typing import Any, TextIO, final
@@ -23,7 +24,7 @@ from distributed.comm.core import CommClosedError
 from distributed.diagnostics.plugin import WorkerPlugin
 from distributed.scheduler import KilledWorker
 
-from .._interrupt import ignore_sigint, quiet_logs
+from .._interrupt import children_stderr, ignore_sigint, quiet_logs
 from .._model import Model
 from .._planner import Tile
 from ..storage._space import WriteFault
@@ -61,6 +62,11 @@ class IgnoreSigint(WorkerPlugin):
 def default_workers() -> int:
     """Worker processes an embedded cluster starts: one per GPU, else per core."""
     return len(local_gpus()) or os.cpu_count() or 1
+
+
+def workers_log() -> str:
+    """Where an embedded cluster's worker processes write their stderr."""
+    return os.path.join(tempfile.gettempdir(), f"ntkdist-workers-{os.getpid()}.log")
 
 
 def gpu_cluster(gpus: Sequence[str], x64: bool) -> SpecCluster:
@@ -165,19 +171,12 @@ class DaskExecutor(AbstractExecutor):
             if self.address is not None:
                 self.client = Client(self.address)
             elif gpus := self._embedded_gpus():
-                self._cluster = gpu_cluster(gpus, self.x64)
+                with children_stderr(workers_log()):
+                    self._cluster = gpu_cluster(gpus, self.x64)
                 self.client = Client(self._cluster)
             else:
-                self._cluster = LocalCluster(
-                    n_workers=self.requested_workers or os.cpu_count() or 1,
-                    threads_per_worker=THREADS_PER_WORKER,
-                    processes=True,
-                    dashboard_address=":0",
-                    env=jax_worker_env(self.x64),
-                    # Failed tasks are reported by the coordinator, one
-                    # line per distinct error (tracebacks go to a log file).
-                    silence_logs=logging.CRITICAL,
-                )
+                with children_stderr(workers_log()):
+                    self._cluster = self._local_cluster()
                 self.client = Client(self._cluster)
             self._own_client = True
         if self._cluster is not None:
@@ -188,6 +187,18 @@ class DaskExecutor(AbstractExecutor):
             out = self.stream or sys.stderr
             out.write(f"[ntkdist] Dask dashboard: {link}\n")
             out.flush()
+
+    def _local_cluster(self) -> LocalCluster:
+        return LocalCluster(
+            n_workers=self.requested_workers or os.cpu_count() or 1,
+            threads_per_worker=THREADS_PER_WORKER,
+            processes=True,
+            dashboard_address=":0",
+            env=jax_worker_env(self.x64),
+            # Failed tasks are reported by the coordinator, one
+            # line per distinct error (tracebacks go to a log file).
+            silence_logs=logging.CRITICAL,
+        )
 
     def __exit__(self, kind: object, *exc: object) -> None:
         """Close what this executor started (quietly after an interrupt)."""
