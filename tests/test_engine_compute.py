@@ -340,3 +340,23 @@ def test_a_plan_for_another_job_is_refused(tmp_path, data):
             progress=False,
         )
     assert not (tmp_path / "k.zarr").exists()
+
+
+def test_models_with_one_jaxpr_over_differently_structured_params(tmp_path):
+    """``tanh(x @ p)`` and ``tanh(x @ p["w"])`` trace to one jaxpr over their
+    leaves; computed one after the other in one process, each runs its own
+    function (the compiled-model cache keys on the params' structure too)."""
+    import jax.numpy as jnp
+
+    def f_array(p, x):
+        return jnp.tanh(x @ p)
+
+    def f_dict(p, x):
+        return jnp.tanh(x @ p["w"])
+
+    w = np.random.default_rng(0).normal(size=(3, 2))
+    x = np.random.default_rng(1).normal(size=(8, 3))
+    kw = {"output": "trace", "tile": 4, "executor": "serial", "progress": False}
+    a = ntkdist.compute(f_dict, {"w": w}, x, store=tmp_path / "a.zarr", **kw)
+    b = ntkdist.compute(f_array, w, x, store=tmp_path / "b.zarr", **kw)
+    np.testing.assert_array_equal(a.kernel[...], b.kernel[...])

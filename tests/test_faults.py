@@ -495,9 +495,9 @@ def test_a_disk_that_fills_up_mid_job_stops_it_at_once_and_it_resumes(
         (
             np.ones((10, 3)),
             ["--memory-budget", "1KiB", "--output", "trace"],
-            "memory_budget=1.0 KiB cannot hold a 2×2 tile of output='trace' with "
-            "any strategy: strategy='auto' tried jacobian (needs at least ",
-            "output='trace' or",
+            "--memory-budget 1.0 KiB cannot hold a 2×2 tile of --output trace with "
+            "any strategy: --strategy auto tried jacobian (needs at least ",
+            "memory_budget",
         ),
     ],
 )
@@ -511,7 +511,7 @@ def test_bad_input_is_one_plain_line(tmp_path, x1, extra, said, unsaid):
     assert not unsaid or unsaid not in line, line
     if extra:
         assert "The smallest budget that works is 301.0 MiB (with " in line, line
-        assert line.endswith("raise memory_budget to at least that."), line
+        assert line.endswith("raise --memory-budget to at least that."), line
 
 
 SIBLING = textwrap.dedent("""

@@ -33,9 +33,14 @@ VALUED = {
     "cache": "--cache",
     "precision": "--precision",
     "workers": "--workers",
+    "output": "--output",
 }
 _VALUED = re.compile(
     r"(?<![\w.])(" + "|".join(VALUED) + r")=('[^']*'|\"[^\"]*\"|[^\s,;)]*)"
+)
+
+_BARE = re.compile(
+    r"(?<![\w.\-])(" + "|".join(k for k in VALUED if "_" in k) + r")\b(?!=)"
 )
 
 
@@ -46,6 +51,8 @@ def cli_message(err: NtkdistError) -> str:
         >>> from ntkdist._errors import InputError
         >>> cli_message(InputError("pass check_finite=False, or tile='64'"))
         'pass --allow-nonfinite, or --tile 64'
+        >>> cli_message(InputError("raise memory_budget, or use output='trace'"))
+        'raise --memory-budget, or use --output trace'
     """
     text = err.message_for(SETTINGS)
 
@@ -53,7 +60,10 @@ def cli_message(err: NtkdistError) -> str:
         value = m.group(2).strip("'\"")
         return f"{VALUED[m.group(1)]} {value}" if value else VALUED[m.group(1)]
 
-    return _VALUED.sub(flag, text)
+    text = _VALUED.sub(flag, text)
+    # A keyword named alone ("raise memory_budget"): only those no English
+    # word could be mistaken for.
+    return _BARE.sub(lambda m: VALUED[m.group(1)], text)
 
 
 def in_cli_words(
