@@ -82,6 +82,7 @@ def test_digits_regression(tmp_path):
 FW = {"equinox": 1, "flax": 2, "haiku": 2}
 
 
+@pytest.mark.slow  # 20-35 s each: JAX, the framework and a compute job
 @pytest.mark.parametrize("framework", FW)
 def test_framework_example(tmp_path, framework):
     pytest.importorskip("sklearn")
