@@ -246,3 +246,30 @@ def test_full_gram_orders_agree_with_the_plain_contraction(b):
         got = np.asarray(fn(jnp.asarray(ga), jnp.asarray(d1), jnp.asarray(d2)))
         np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
     assert _deltas_first(10, 16, 16) and not _deltas_first(10, 64, 64)
+
+
+def test_a_tile_alone_chooses_rows_or_gram_at_its_own_size():
+    """``ntk``/``ntk_fn`` compute one tile: structured's per-weight choice is made
+    at that tile's size (harmonic mean of its sides), not the engine's nominal."""
+    from ntkdist.kernels._choose import for_tile
+
+    assert for_tile("structured", 16, 16).nominal_tile == 16
+    assert for_tile("structured", 8, 24).nominal_tile == 12
+    mine = StructuredDerivatives(nominal_tile=3)
+    assert for_tile(mine, 16, 16) is mine
+    assert for_tile("jacobian", 4, 4).name == "jacobian"
+    # A late convolution (few positions, many channels) is gram at 16 but rows
+    # at the engine's nominal 256 for output="trace".
+    w = jnp.ones((3, 3, 128, 256)) / 34.0
+
+    def f(p, x):
+        y = lax.conv_general_dilated(
+            x, p, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        return jnp.mean(y, axis=(1, 2))[:, :10]
+
+    x = jnp.ones((2, 8, 8, 128))
+    model = Model(f)
+    (g16,), _ = for_tile("structured", 16, 16).groups(model, w, x, "trace")
+    (g256,), _ = StructuredDerivatives().groups(model, w, x, "trace")
+    assert g16.gram and not g256.gram

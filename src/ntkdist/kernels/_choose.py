@@ -36,6 +36,22 @@ def get(name: str | AbstractKernelStrategy) -> AbstractKernelStrategy:
     return STRATEGIES[name]()
 
 
+def for_tile(
+    strategy: str | AbstractKernelStrategy, n1: int, n2: int
+) -> AbstractKernelStrategy:
+    """``strategy`` for one ``n1 × n2`` tile computed on its own (``ntk``,
+    ``ntk_fn``): ``structured`` chooses between the gram rule and per-weight
+    rows at that tile's size. (The engine's tiles share factors across tiles of
+    one job, so there the choice is made once, at the nominal tile.) An
+    instance is returned as it is."""
+    if isinstance(strategy, str) and strategy == "structured":
+        # Rows are built once per sample and contracted once per pair: per
+        # pair their build costs 2·build/nominal at nominal = 2·n1·n2/(n1+n2).
+        nominal = max(1, round(2 * n1 * n2 / max(1, n1 + n2)))
+        return StructuredDerivatives(nominal_tile=nominal)
+    return get(strategy)
+
+
 def rank(
     model: Model,
     params: Any,
@@ -44,6 +60,8 @@ def rank(
     n2: int,
     output: str,
     memory_budget: float | None = None,
+    *,
+    one_tile: bool = False,
 ) -> tuple[list[str], dict[str, Cost], dict[str, ModelError]]:
     """Strategies that fit ``memory_budget``, cheapest predicted FLOPs first.
 
@@ -51,6 +69,8 @@ def rank(
     pass's FLOPs taken from XLA's cost analysis of the real model. Nothing is
     compiled or run. A strategy whose cost cannot even be modelled (its walk of
     the model fails) is left out, with its refusal.
+
+    With ``one_tile``, each strategy is costed as :func:`for_tile` makes it.
 
     Returns:
         ``(names, costs, refusals)``.
@@ -61,8 +81,9 @@ def rank(
     costs: dict[str, Cost] = {}
     refusals: dict[str, ModelError] = {}
     for name, cls in STRATEGIES.items():
+        strategy = for_tile(name, n1, n2) if one_tile else cls()
         try:
-            costs[name] = cls().cost(model, params, x, n1, n2, output)
+            costs[name] = strategy.cost(model, params, x, n1, n2, output)
         except Exception as err:
             if not is_failure_to_trace(err):
                 raise
@@ -138,14 +159,15 @@ def run_first(
     Returns:
         The strategy that ran, and what ``run`` returned.
     """
+    n1 = x1.shape[0]
+    n2 = n1 if x2 is None else x2.shape[0]
     if strategy != "auto":
-        candidates, refusals = [get(strategy)], {}
+        candidates, refusals = [for_tile(strategy, n1, n2)], {}
     else:
-        n2 = x1.shape[0] if x2 is None else x2.shape[0]
         names, _, refusals = rank(
-            model, params, x1, x1.shape[0], n2, output, memory_budget
+            model, params, x1, n1, n2, output, memory_budget, one_tile=True
         )
-        candidates = [STRATEGIES[name]() for name in names]
+        candidates = [for_tile(name, n1, n2) for name in names]
     for cand in candidates:
         try:
             return cand, run(cand)
