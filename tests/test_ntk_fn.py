@@ -99,3 +99,30 @@ def test_memory_budget_accepts_sizes():
     fn = ntkdist.ntk_fn(mlp, output="trace", memory_budget="1GiB")
     x1, _ = _inputs()
     assert fn(_mlp_params(), x1).shape == (5, 5)
+
+
+def test_ntk_repeats_skip_checks_and_cost_model_but_not_nan_checks():
+    """A repeated ``ntk`` call with the same model and shapes reuses what the
+    first checked and chose; values are still checked, other models are not
+    confused with it."""
+    from ntkdist._api import _CHOSEN
+    from ntkdist._errors import InputError
+
+    def f(p, x):
+        return jnp.tanh(x @ p)
+
+    def g(p, x):
+        return jnp.sin(x @ p)
+
+    p = jnp.asarray(np.random.default_rng(0).normal(size=(3, 2)))
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(5, 3)))
+    before = len(_CHOSEN)
+    k1 = ntkdist.ntk(f, p, x, output="trace")
+    k2 = ntkdist.ntk(f, p, x * 2, output="trace")
+    assert len(_CHOSEN) == before + 1
+    np.testing.assert_allclose(k1, ntkdist.ntk_fn(f, output="trace")(p, x))
+    assert not np.allclose(k1, k2)
+    with pytest.raises(InputError, match="NaN"):
+        ntkdist.ntk(f, p, x.at[2, 1].set(jnp.nan), output="trace")
+    kg = ntkdist.ntk(g, p, x, output="trace")
+    np.testing.assert_allclose(kg, reference_ntk(g, p, x, x, output="trace"))

@@ -18,7 +18,9 @@ import numpy as np
 from . import _inputs
 from ._auto import plan_and_choose, say_plan, tiles_left
 from ._job import prepare
+from ._lru import LRU
 from ._model import ApplyFn, Model, as_model
+from ._ntk_fn import _signature
 from ._planner import Plan, Tile
 from ._planning import plan_job
 from ._precision import (
@@ -40,7 +42,8 @@ from ._run import (
 from ._units import parse_bytes
 from .executors import AbstractExecutor, read_block
 from .executors._dask import default_workers
-from .kernels import AbstractKernelStrategy, compute_tile
+from .kernels import AbstractKernelStrategy
+from .kernels._choose import run_first
 from .storage import KernelStore, check_same_job, params_digest
 from .storage._fingerprint import describe_params, model_fingerprint
 
@@ -132,12 +135,41 @@ def ntk(
         )
     _inputs.check_pair(x1, x2)
     model = as_model(apply_fn)
-    _inputs.check_model(model, params, x1, independence=check_independence)
     x1 = jnp.asarray(x1)
     x2 = None if x2 is None else jnp.asarray(x2)
-    result = compute_tile(strategy, model, params, x1, x2, output, budget)
+    key = (
+        model,
+        output,
+        strategy,
+        budget,
+        check_independence,
+        jax.config.jax_default_matmul_precision,
+        _signature(params, x1, x2),
+    )
+    chosen = _CHOSEN.get(key)
+    if chosen is not None:  # checked and chosen before: the tile alone
+        result = chosen.tile(model, params, x1, x2, output)
+    else:
+        _inputs.check_model(model, params, x1, independence=check_independence)
+        chosen, result = run_first(
+            strategy,
+            model,
+            params,
+            x1,
+            x2,
+            output,
+            budget,
+            lambda s: s.tile(model, params, x1, x2, output),
+        )
+        _CHOSEN.put(key, chosen)
     dtype = jnp.result_type(*jax.tree_util.tree_leaves(params), x1)
     return np.asarray(result.astype(dtype))
+
+
+# What ``ntk`` checked and chose, by call: the model, the settings and the
+# shapes of params and inputs. A repeated call skips the model's structural
+# checks, the cost model and the trace (values are still checked for NaN).
+_CHOSEN: LRU[tuple[Any, ...], AbstractKernelStrategy] = LRU(max_items=32)
 
 
 @applies_precision
