@@ -268,7 +268,7 @@ def _kill_and_resume(tmp_path, executor: str, n: int, tile: int, window: int):
 
 
 def test_kill_9_of_a_serial_cli_job_then_rerun(tmp_path):
-    _, _, wasted = _kill_and_resume(tmp_path, "serial", n=40, tile=2, window=1)
+    _, _, wasted = _kill_and_resume(tmp_path, "serial", n=64, tile=2, window=1)
     assert wasted <= 1
 
 
