@@ -76,13 +76,9 @@ def plan_and_choose(
             probe=True,
         )
         seconds = _seconds_left(plan1, left(job1, plan1))
-        if seconds is not None and seconds < IN_PROCESS_SECONDS:
-            why = (
-                f"runs in-process: predicted {seconds:.1f} s of tiles, less than a "
-                "cluster's start-up (--workers N, --scheduler or --executor dask "
-                "force a cluster)"
-            )
-            return job1, plan1, make("serial"), why
+        in_process, where = _verdict(seconds)
+        if in_process:
+            return job1, plan1, make("serial"), f"runs {where}"
         runner = make("dask")
         job, the_plan = plan_to_run(
             job,
@@ -100,12 +96,7 @@ def plan_and_choose(
                 factor_rate=plan1.factor_rate,
                 parallel=parallel_over(runner.n_workers),
             )
-        why = (
-            "runs on a Dask cluster: predicted "
-            + ("an unknown time" if seconds is None else f"{seconds:.1f} s")
-            + f" of tiles in one process, at least {IN_PROCESS_SECONDS:.0f} s"
-        )
-        return job, the_plan, runner, why
+        return job, the_plan, runner, f"runs {where}"
     runner = make("dask" if executor == "auto" else executor)
     job, the_plan = plan_to_run(
         job,
@@ -136,15 +127,22 @@ def where_compute_runs(plan: Plan) -> str | None:
         return None
     parallel = max(1, min(plan.parallel or plan.workers, plan.n_tiles))
     one = plan.est_seconds * parallel + TILE_OVERHEAD_SECONDS * plan.n_tiles
-    if one < IN_PROCESS_SECONDS:
-        return (
-            f"compute runs this job in-process: predicted {_seconds(one)} of tiles "
-            f"in one process, less than a cluster's start-up (--workers N, "
-            "--scheduler or --executor dask force a cluster)"
+    return f"compute runs this job {_verdict(one)[1]}"
+
+
+def _verdict(seconds: float | None) -> tuple[bool, str]:
+    """Whether ``seconds`` of tiles in one process run in-process, and where
+    the job runs in words (``"in-process: predicted 1.8 s of tiles, …"``)."""
+    if seconds is not None and seconds < IN_PROCESS_SECONDS:
+        return True, (
+            f"in-process: predicted {_seconds(seconds)} of tiles, less than a "
+            "cluster's start-up (--workers N, --scheduler or --executor dask "
+            "force a cluster)"
         )
-    return (
-        f"compute runs this job on a Dask cluster: predicted {_seconds(one)} of "
-        f"tiles in one process, at least {IN_PROCESS_SECONDS:.0f} s"
+    return False, (
+        "on a Dask cluster: predicted "
+        + ("an unknown time" if seconds is None else _seconds(seconds))
+        + f" of tiles in one process, at least {IN_PROCESS_SECONDS:.0f} s"
     )
 
 

@@ -9,6 +9,7 @@ that lack a marker, and records each as it finishes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import os
 import sys
@@ -346,6 +347,11 @@ def run_tiles(
     if kernel_dir is not None:
         check_writable(kernel_dir, chunks, itemsize, list(todo))
     spec = tile_spec(kstore, strategy, cache)
+    if spec.model_key:  # the model hash is the jaxpr over the params' leaves:
+        # functions of differently structured params (``p``, ``p["w"]``) can
+        # share it, not their model object, in a worker's model cache.
+        treedef = jax.tree_util.tree_structure(params)
+        spec = dataclasses.replace(spec, model_key=f"{spec.model_key}|{treedef}")
     if spec.cache == "store":
         create_factor_stores(spec, kstore.plan.grid, model, params)
 

@@ -50,8 +50,7 @@ def one_tile(case: str, tile: int, output: str, repeats: int, strategy: str) -> 
     import ntkdist
 
     from .._model import Model
-    from ..kernels import get
-    from ..kernels._choose import choose
+    from ..kernels._choose import choose, for_tile
     from ._models import REAL_CASES, n_params
     from ._tiles import executed_flops
 
@@ -60,19 +59,20 @@ def one_tile(case: str, tile: int, output: str, repeats: int, strategy: str) -> 
     x1 = jnp.asarray(rng.standard_normal((tile, *shape)), jnp.float32)
     x2 = jnp.asarray(rng.standard_normal((tile, *shape)), jnp.float32)
     model = Model(fn)
+    # The strategy ``ntk`` runs for this tile, and then exactly that one.
     if strategy == "auto":
-        chosen, _ = choose(model, params, x1, tile, tile, output)
+        chosen, _ = choose(model, params, x1, tile, tile, output, one_tile=True)
     else:
-        chosen = get(strategy)
+        chosen = for_tile(strategy, tile, tile)
     predicted = chosen.cost(model, params, x1, tile, tile, output)
     # What ``compute``'s plan budgets for a worker running such tiles.
     planned = ntkdist.plan(
-        fn, params, x1, x2, output=output, strategy=chosen.name, tile=tile, probe=False
+        fn, params, x1, x2, output=output, strategy=chosen, tile=tile, probe=False
     )
     before = _rss_now()
 
     def run() -> Any:
-        k = ntkdist.ntk(fn, params, x1, x2, output=output, strategy=strategy)
+        k = ntkdist.ntk(fn, params, x1, x2, output=output, strategy=chosen)
         return np.asarray(k)
 
     t0 = time.perf_counter()

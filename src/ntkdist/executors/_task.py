@@ -13,7 +13,6 @@ import dataclasses
 import threading
 from typing import Any
 
-import jax
 import numpy as np
 
 from .._lru import LRU
@@ -114,10 +113,7 @@ def _run_tile(
     tile: Tile, spec: TileSpec, model_params: ByValue | tuple[Model, Any]
 ) -> tuple[int, int]:
     model, params = _load(model_params)
-    # The key is the jaxpr over the params' leaves: functions of differently
-    # structured params (``p`` and ``p["w"]``) can share it, not their model.
-    treedef = jax.tree_util.tree_structure(params)
-    model = canonical_model(spec.model_key and f"{spec.model_key}|{treedef}", model)
+    model = canonical_model(spec.model_key, model)
     # One tile computes at a time per process (it has every core, or the
     # process's one accelerator); a second worker thread writes the previous
     # tile meanwhile, so the write overlaps the next compute.

@@ -9,7 +9,6 @@ from ._base import (
 from ._choose import (
     STRATEGIES as STRATEGIES,
     choose as choose,
-    compute_tile as compute_tile,
     get as get,
     rank as rank,
 )

@@ -119,18 +119,23 @@ def choose(
     n2: int,
     output: str,
     memory_budget: float | None = None,
+    *,
+    one_tile: bool = False,
 ) -> tuple[AbstractKernelStrategy, dict[str, Cost]]:
     """Pick the strategy with the fewest predicted FLOPs among those that fit
     and that can compute this model (each candidate is traced on a ``1 × 1``
-    tile, in cost order, until one succeeds).
+    tile, in cost order, until one succeeds). With ``one_tile``, candidates
+    are made by :func:`for_tile`, as ``ntk`` runs them.
 
     Raises:
         PlanError: no strategy fits ``memory_budget`` for an ``n1 × n2`` tile.
         ModelError: no strategy can compute this model's kernel.
     """
-    names, costs, refusals = rank(model, params, x, n1, n2, output, memory_budget)
+    names, costs, refusals = rank(
+        model, params, x, n1, n2, output, memory_budget, one_tile=one_tile
+    )
     for name in names:
-        strategy = STRATEGIES[name]()
+        strategy = for_tile(name, n1, n2) if one_tile else STRATEGIES[name]()
         try:
             check_supported(strategy, model, params, x, output)
         except ModelError as err:
@@ -152,9 +157,11 @@ def run_first(
 ) -> tuple[AbstractKernelStrategy, Any]:
     """``run(s)`` for the strategy asked for, or ``auto``'s along the cost order.
 
-    A strategy that cannot handle the model fails while JAX traces it, before
-    any work: ``auto`` then moves on to the next cheapest, and an explicitly
-    requested strategy raises a :class:`ModelError` naming the construct.
+    The tile ``x1 × x2`` is computed on its own, so each candidate is the one
+    :func:`for_tile` makes for its size. A strategy that cannot handle the
+    model fails while JAX traces it, before any work: ``auto`` then moves on
+    to the next cheapest, and an explicitly requested strategy raises a
+    :class:`ModelError` naming the construct.
 
     Returns:
         The strategy that ran, and what ``run`` returned.
@@ -179,27 +186,3 @@ def run_first(
                 raise refused from err
             refusals[cand.name] = refused
     raise all_refused(refusals)
-
-
-def compute_tile(
-    strategy: str | AbstractKernelStrategy,
-    model: Model,
-    params: Any,
-    x1: jax.Array,
-    x2: jax.Array | None,
-    output: str,
-    memory_budget: float | None = None,
-) -> jax.Array:
-    """One tile with ``strategy``; ``"auto"`` falls back along the cost order
-    (see :func:`run_first`)."""
-    _, k = run_first(
-        strategy,
-        model,
-        params,
-        x1,
-        x2,
-        output,
-        memory_budget,
-        lambda s: s.tile(model, params, x1, x2, output),
-    )
-    return k
