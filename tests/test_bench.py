@@ -210,6 +210,8 @@ def test_real_section_resnet_tile_and_engine(tmp_path):
             "1",
             "--real-engine",
             "resnet18-cifar-w16:6",
+            "--real-plan",
+            "resnet18-cifar-w16:40x30",
             "--executor",
             "serial",
             "--json",
@@ -225,6 +227,11 @@ def test_real_section_resnet_tile_and_engine(tmp_path):
     assert row["plan_worker_bytes"] > 0 and 0 < row["fraction_of_gemm"] < 2
     engine = result["real_engine"]
     assert engine["n"] == 6 and engine["tiles"] >= 1 and engine["seconds"] > 0
+    assert engine["tiles_per_second"] > 0 and engine["fraction_of_gemm"] > 0
+    planned = result["real_plan"]
+    assert (planned["n1"], planned["n2"], planned["output"]) == (40, 30, "trace")
+    assert planned["tiles"] >= 1 and planned["predicted_seconds"] > 0
+    assert "trace 40×30" in planned["text"]
 
 
 def test_real_models_match_their_descriptions():

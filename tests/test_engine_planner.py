@@ -175,3 +175,68 @@ def test_default_tile_gives_each_worker_tiles():
     )
     assert p.n_tiles >= 8
     assert p.tile <= 1024
+
+
+def _big_tiles_model():
+    """A cost model whose worker bytes grow with the tile: 1 MiB per sample pair."""
+    return CostModel((0, 1e6, 1e6, 1e6), (0, 2**20, 2**20, 2**20), 1, 4, 64)
+
+
+def test_without_a_budget_tiles_fit_the_machine_limit():
+    """No budget given: tiles are sized within the memory limit, and the plan
+    says so; an explicit budget or tile leaves the limit out."""
+    m = _big_tiles_model()
+    common = dict(
+        n1=4096, n2=4096, out_dim=1, output="trace", symmetric=True,
+        dtype="float32", strategy="structured", cost=m,
+    )
+    limit = 4 * 2**30
+    free = make_plan(**common)
+    fitted = make_plan(**common, memory_limit=limit)
+    assert m.worker_bytes(free.tile, free.tile) > limit  # the limit matters here
+    assert fitted.tile < free.tile
+    assert fitted.peak_bytes_per_worker <= limit
+    assert fitted.memory_limit == limit and free.memory_limit is None
+    assert "this machine's memory per worker" in str(fitted)
+    assert Plan.from_json(fitted.to_json()) == fitted
+    budgeted = make_plan(**common, memory_budget=2 * 2**30, memory_limit=limit)
+    assert budgeted.memory_limit is None and budgeted.memory_budget == 2 * 2**30
+    explicit = make_plan(**common, tile=512, memory_limit=limit)
+    assert explicit.tile == 512 and explicit.memory_limit is None
+    # a limit that cannot hold even one sample is ignored, not turned into an error
+    tiny = make_plan(**common, memory_limit=1.0)
+    assert tiny.tile == free.tile
+
+
+def test_auto_cache_never_picks_a_factor_store_larger_than_the_disk():
+    m = CostModel((0, 1e9, 1e9, 1e3), (0, 8, 8, 8), 1, 4, 64)
+    common = dict(
+        n1=20000, n2=20000, out_dim=1, output="trace", symmetric=True,
+        dtype="float32", strategy="structured", cost=m, tile=1000,
+        factor_bytes_per_sample=1e6, cache_budget=0.0,
+    )
+    roomy = make_plan(**common)
+    assert roomy.cache == "store"  # factors are dear to recompute: kept on disk
+    assert roomy.factor_bytes > 1e9
+    cramped = make_plan(**common, disk_limit=1e9)
+    assert cramped.cache != "store"
+    assert make_plan(**common, cache="store", disk_limit=1e9).cache == "store"
+
+
+def test_a_resnet_plan_without_a_budget_fits_this_machine():
+    """The CIFAR ResNet-18's trace kernel: without a budget its tile used to be
+    sized for no limit at all (683 samples, 292 GiB per worker)."""
+    import os
+
+    import ntkdist
+    from ntkdist._bench._models import REAL_CASES
+    from ntkdist._planning import MEMORY_FRACTION, worker_memory
+
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert worker_memory(2) <= MEMORY_FRACTION * total / 2 + 1
+    fn, params, shape = REAL_CASES["resnet18-cifar"]()
+    x = np.zeros((2048, *shape), np.float32)
+    p = ntkdist.plan(fn, params, x, output="trace", workers=2, probe=False)
+    assert p.memory_budget is None and p.memory_limit == worker_memory(2)
+    assert p.peak_bytes_per_worker <= p.memory_limit
+    assert p.tile < 683

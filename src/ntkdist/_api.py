@@ -393,6 +393,7 @@ def compute(
         left=lambda j, p: tiles_left(path, job_fields(j, p), p),
         # A rate measured here predicts an embedded cluster's, not another's.
         probe=progress and embedded,
+        disk_dir=os.path.dirname(os.path.abspath(path)),
     )
     if not overwrite and (done := finished(path, job, the_plan)) is not None:
         if progress:

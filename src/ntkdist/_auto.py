@@ -57,6 +57,7 @@ def plan_and_choose(
     given: Plan | None,
     left: Callable[[Job, Plan], int],
     probe: bool,
+    disk_dir: str | None = None,
 ) -> tuple[Job, Plan, AbstractExecutor, str]:
     """The job, its plan, the executor it runs on, and why (``""``: no choice).
 
@@ -74,6 +75,7 @@ def plan_and_choose(
             stored=stored,
             given=given,
             probe=True,
+            disk_dir=disk_dir,
         )
         seconds = _seconds_left(plan1, left(job1, plan1))
         in_process, where = _verdict(seconds)
@@ -88,6 +90,7 @@ def plan_and_choose(
             cache=cache,
             stored=stored,
             given=given,
+            disk_dir=disk_dir,
         )
         if the_plan.strategy == plan1.strategy and plan1.flop_rate:
             the_plan = dataclasses.replace(
@@ -107,6 +110,7 @@ def plan_and_choose(
         stored=stored,
         given=given,
         probe=probe,
+        disk_dir=disk_dir,
     )
     return job, the_plan, runner, ""
 
@@ -183,4 +187,3 @@ def _seconds(s: float) -> str:
     m, sec = divmod(round(s), 60)
     h, m = divmod(m, 60)
     return f"{h}:{m:02d}:{sec:02d}"
-

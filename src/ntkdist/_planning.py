@@ -10,6 +10,8 @@ a probe block to predict the wall time. :func:`plan_to_run` is the plan
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
 import time
 from typing import Any
 
@@ -88,6 +90,7 @@ def plan_job(
     workers: int = 1,
     probe: bool = True,
     cache: str = "auto",
+    disk_dir: str | None = None,
 ) -> tuple[Job, Plan]:
     """Size tiles for ``job`` and predict its figures (no store is touched).
 
@@ -102,6 +105,8 @@ def plan_job(
     errors: list[PlanError] = []
     needs: dict[str, float] = {}  # auto: what each strategy's smallest tile needs
     budget = parse_bytes(memory_budget)
+    limit = worker_memory(workers) if budget is None else None
+    disk = disk_space(disk_dir)
     for k, cand in enumerate(candidates):
         if cand.strategy is not job.strategy:
             try:  # auto: a strategy that cannot handle the model is no candidate
@@ -111,7 +116,7 @@ def plan_job(
             except ModelError:
                 continue
         try:
-            p, cost = _plan_one(cand, tile, budget, workers, cache)
+            p, cost = _plan_one(cand, tile, budget, workers, cache, limit, disk)
         except PlanError as e:
             errors.append(e)
             side = 1 if tile is None else max(1, min(tile, max(cand.n1, cand.n2)))
@@ -165,6 +170,7 @@ def plan_to_run(
     stored: StoreSpec | None = None,
     given: Plan | None = None,
     probe: bool = False,
+    disk_dir: str | None = None,
 ) -> tuple[Job, Plan]:
     """The plan ``compute`` executes, and the job with its strategy.
 
@@ -193,6 +199,7 @@ def plan_to_run(
         workers=workers,
         probe=probe,
         cache=cache,
+        disk_dir=disk_dir,
     )
 
 
@@ -226,6 +233,53 @@ def _adopt(job: Job, plan: Plan) -> Job:
     return job
 
 
+MEMORY_FRACTION = 0.8
+"""Share of a worker's memory that tiles are sized within when no budget is
+given (Dask's embedded workers pause at 80 % of their memory limit)."""
+
+
+def worker_memory(workers: int) -> float | None:
+    """Bytes a worker may use when no ``memory_budget`` is given.
+
+    Where JAX runs on GPUs (one worker per GPU): 80 % of the first GPU's
+    allocator limit. Elsewhere: 80 % of this machine's memory (or of its
+    cgroup's limit, in a container) shared by ``workers``. ``None`` where it
+    cannot be read. A cluster whose workers differ from this machine needs an
+    explicit budget.
+    """
+    if jax.default_backend() == "gpu":
+        try:
+            stats = jax.local_devices()[0].memory_stats() or {}
+        except Exception:  # a backend without memory statistics
+            stats = {}
+        limit = stats.get("bytes_limit")
+        return MEMORY_FRACTION * float(limit) if limit else None
+    try:
+        total = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return None
+    try:
+        with open("/sys/fs/cgroup/memory.max") as fh:
+            text = fh.read().strip()
+        if text.isdigit():
+            total = min(total, float(text))
+    except OSError:
+        pass
+    return MEMORY_FRACTION * total / max(1, workers)
+
+
+def disk_space(where: str | None) -> float | None:
+    """Half the free bytes of the disk holding ``where`` (default: the working
+    directory), the most a factor store chosen by ``cache="auto"`` may take."""
+    path = os.path.abspath(where or os.getcwd())
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    try:
+        return 0.5 * shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
 def parallel_over(workers: int) -> int:
     """Devices a rate measured here scales over: one per worker on accelerators;
     on CPU the probe already used every core the workers would share."""
@@ -233,7 +287,13 @@ def parallel_over(workers: int) -> int:
 
 
 def _plan_one(
-    job: Job, tile: int | None, memory_budget: float | None, workers: int, cache: str
+    job: Job,
+    tile: int | None,
+    memory_budget: float | None,
+    workers: int,
+    cache: str,
+    memory_limit: float | None = None,
+    disk_limit: float | None = None,
 ) -> tuple[Plan, CostModel]:
     """The plan of ``job`` with its own strategy, and that strategy's cost model."""
     cost = cost_model(job)
@@ -256,6 +316,8 @@ def _plan_one(
         cost=cost,
         tile=tile,
         memory_budget=memory_budget,
+        memory_limit=memory_limit,
+        disk_limit=disk_limit,
         workers=workers,
         factor_bytes_per_sample=per_sample,
         cache=cache,

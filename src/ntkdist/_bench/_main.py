@@ -180,6 +180,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="CASE:N of the whole trace kernel through compute; 'none' skips it "
         "(default resnet18-cifar-w16:2048)",
     )
+    g.add_argument(
+        "--real-plan",
+        default="none",
+        help="CASE:N1xN2 to plan (probe included) and print, e.g. "
+        "resnet18-cifar:60000x50000 for CIFAR-10 train+test × train; 'none' "
+        "(the default) skips it",
+    )
 
 
 def _write(result: dict[str, Any], path: str) -> None:
@@ -316,6 +323,14 @@ def _main_from_args(args: argparse.Namespace) -> int:
             )
             print(_real.engine_line(result["real_engine"]))
         _write(result, args.json)
+        if args.real_plan != "none":
+            case, _, sizes = args.real_plan.partition(":")
+            n1, _, n2 = sizes.partition("x")
+            result["real_plan"] = _real.run_plan(
+                case, int(n1), int(n2 or n1), output=args.outputs.split(",")[0]
+            )
+            print(result["real_plan"]["text"])
+            _write(result, args.json)
     # Load on a shared machine changes the rate: measured again at the end.
     result["gemm_flops_per_s_end"] = gemm_rate()
     _write(result, args.json)

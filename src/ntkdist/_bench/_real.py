@@ -41,6 +41,19 @@ def _rss_now() -> float:
         return float("nan")
 
 
+def device_peak() -> float | None:
+    """Peak bytes JAX's allocator has held on the first device (accelerators),
+    ``None`` where the backend keeps no statistics (CPU)."""
+    import jax
+
+    try:
+        stats = jax.local_devices()[0].memory_stats() or {}
+    except Exception:  # backends without memory statistics
+        return None
+    peak = stats.get("peak_bytes_in_use")
+    return float(peak) if peak is not None else None
+
+
 def one_tile(case: str, tile: int, output: str, repeats: int, strategy: str) -> dict:
     """Measure one tile in this process (run by :func:`run_real` in a child)."""
     import jax
@@ -84,6 +97,7 @@ def one_tile(case: str, tile: int, output: str, repeats: int, strategy: str) -> 
         run()
         times.append(time.perf_counter() - t0)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
+    device = device_peak()
     flops = executed_flops(chosen, model, params, x1, x2, output)
     jax.clear_caches()
     return {
@@ -101,6 +115,8 @@ def one_tile(case: str, tile: int, output: str, repeats: int, strategy: str) -> 
         "plan_worker_bytes": planned.peak_bytes_per_worker,
         "rss_before_bytes": before,
         "peak_rss_bytes": peak,
+        "device_peak_bytes": device,
+        "backend": jax.default_backend(),
     }
 
 
@@ -157,6 +173,11 @@ def _format(row: dict[str, Any]) -> str:
         f"{row['peak_rss_bytes'] / gib:5.2f} GiB "
         f"(before {row['rss_before_bytes'] / gib:4.2f})"
         f"  plan {row['plan_worker_bytes'] / gib:5.2f} GiB"
+        + (
+            f"  device peak {row['device_peak_bytes'] / gib:5.2f} GiB"
+            if row.get("device_peak_bytes")
+            else ""
+        )
     )
 
 
@@ -175,30 +196,60 @@ def run_engine(
     executor: str = "dask",
     scratch: str | None = None,
 ) -> dict[str, Any]:
-    """The whole symmetric kernel of ``case`` through ``ntkdist.compute``."""
+    """The whole symmetric kernel of ``case`` through ``ntkdist.compute``.
+
+    Where JAX runs on GPUs, on the embedded cluster ``compute`` itself would
+    start (one worker per GPU), made here so that each worker's peak device
+    memory can be read after the job.
+    """
     import numpy as np
 
     import ntkdist
 
+    from ..executors._dask import gpu_cluster
+    from ..executors._workers import local_gpus
     from ._models import REAL_CASES
 
     fn, params, shape = REAL_CASES[case]()
     x = np.random.default_rng(3).standard_normal((n, *shape)).astype(np.float32)
+    gpus = local_gpus() if workers is None else []
     with tempfile.TemporaryDirectory(dir=scratch) as tmp:
         path = os.path.join(tmp, "kernel.zarr")
-        plan = ntkdist.plan(fn, params, x, output=output, workers=workers)
-        t0 = time.perf_counter()
-        ntkdist.compute(
-            fn,
-            params,
-            x,
-            store=path,
-            output=output,
-            workers=workers,
-            executor=executor,
-            progress=False,
+        plan = ntkdist.plan(
+            fn, params, x, output=output, workers=workers or len(gpus) or None
         )
-        wall = time.perf_counter() - t0
+        device: dict[str, Any] = {}
+        t0 = time.perf_counter()
+        if gpus:
+            from distributed import Client
+
+            with gpu_cluster(gpus, x64=False) as cluster, Client(cluster) as client:
+                client.wait_for_workers(len(gpus))
+                ntkdist.compute(
+                    fn,
+                    params,
+                    x,
+                    store=path,
+                    output=output,
+                    client=client,
+                    plan=plan,
+                    progress=False,
+                )
+                wall = time.perf_counter() - t0
+                device = client.run(device_peak)
+        else:
+            ntkdist.compute(
+                fn,
+                params,
+                x,
+                store=path,
+                output=output,
+                workers=workers,
+                executor=executor,
+                progress=False,
+            )
+            wall = time.perf_counter() - t0
+    peaks = [v for v in device.values() if v]
     return {
         "case": case,
         "n": n,
@@ -207,19 +258,61 @@ def run_engine(
         "tile": plan.tile,
         "tiles": plan.n_tiles,
         "seconds": wall,
+        "tiles_per_second": plan.n_tiles / wall,
         "predicted_seconds": plan.est_seconds,
+        "flops": plan.total_flops,
+        "fraction_of_gemm": plan.total_flops / wall / (rate * max(1, len(gpus))),
         "peak_bytes_per_worker": plan.peak_bytes_per_worker,
+        "device_peak_bytes": max(peaks) if peaks else None,
+        "workers": len(gpus) or workers,
         "gemm_rate": rate,
+    }
+
+
+def run_plan(case: str, n1: int, n2: int, output: str = "trace") -> dict[str, Any]:
+    """``ntkdist.plan``'s figures (probe included) for an ``n1 × n2`` kernel of
+    ``case``, e.g. the CIFAR-10 train+test × train kernel, 60,000 × 50,000."""
+    import numpy as np
+
+    import ntkdist
+
+    from ..executors._workers import local_gpus
+    from ._models import REAL_CASES
+
+    fn, params, shape = REAL_CASES[case]()
+    x1 = np.random.default_rng(4).standard_normal((n1, *shape), dtype=np.float32)
+    x2 = x1[:n2]
+    gpus = len(local_gpus()) or None
+    plan = ntkdist.plan(fn, params, x1, x2, output=output, workers=gpus)
+    return {
+        "case": case,
+        "n1": n1,
+        "n2": n2,
+        "output": output,
+        "workers": plan.workers,
+        "tile": plan.tile,
+        "tiles": plan.n_tiles,
+        "strategy": plan.strategy,
+        "predicted_seconds": plan.est_seconds,
+        "flops": plan.total_flops,
+        "peak_bytes_per_worker": plan.peak_bytes_per_worker,
+        "text": str(plan),
     }
 
 
 def engine_line(row: dict[str, Any]) -> str:
     """One line for the engine run."""
+    gib = 2.0**30
+    device = row.get("device_peak_bytes")
     return (
         f"{row['case']} N={row['n']} {row['output']}: {row['seconds']:.1f} s end to "
-        f"end ({row['tiles']} tiles of {row['tile']}, {row['strategy']}; plan "
+        f"end ({row['tiles']} tiles of {row['tile']}, {row['strategy']}, "
+        f"{row.get('tiles_per_second', float('nan')):.2f} tiles/s, "
+        f"{100 * row.get('fraction_of_gemm', float('nan')):.0f}% of GEMM; plan "
         f"predicted {row['predicted_seconds'] or float('nan'):.1f} s without start-up "
-        "and compilation)"
+        f"and compilation, {row['peak_bytes_per_worker'] / gib:.2f} GiB per worker"
+        + (f"; device peak {device / gib:.2f} GiB" if device else "")
+        + ")"
     )
 
 

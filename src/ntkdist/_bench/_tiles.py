@@ -114,8 +114,14 @@ def _median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, list[float
     return statistics.median(times), times
 
 
-def gemm_rate(size: int = 2048, repeats: int = 5) -> float:
-    """This machine's float32 matrix-multiply rate in FLOP/s (median of runs)."""
+def gemm_rate(size: int | None = None, repeats: int = 5) -> float:
+    """This machine's float32 matrix-multiply rate in FLOP/s (median of runs).
+
+    ``size`` defaults to 2048 on CPUs and 8192 on accelerators, where a
+    smaller product is too short to reach the rate.
+    """
+    if size is None:
+        size = 2048 if jax.default_backend() == "cpu" else 8192
     a = jax.random.normal(jax.random.PRNGKey(0), (size, size), jnp.float32)
     b = jax.random.normal(jax.random.PRNGKey(1), (size, size), jnp.float32)
     mm = jax.jit(jnp.matmul)

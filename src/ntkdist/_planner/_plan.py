@@ -43,6 +43,8 @@ class Plan:
         dtype: kernel dtype (``"float64"`` or ``"float32"``).
         workers: workers the figures assume.
         memory_budget: bytes per worker the tile was sized for (or ``None``).
+        memory_limit: without a budget, the bytes per worker the tile was
+            sized within: this machine's memory per worker (or ``None``).
         tile_flops: predicted FLOPs of one full tile.
         total_flops: predicted FLOPs of all tiles.
         peak_bytes_per_worker: predicted peak resident bytes of one worker.
@@ -94,6 +96,7 @@ class Plan:
     parallel: int = 0
     factor_flops: float = 0.0
     factor_rate: float | None = None
+    memory_limit: float | None = None
 
     def __post_init__(self) -> None:
         """Check the plan is self-consistent."""
@@ -180,7 +183,12 @@ class Plan:
             )
         )
         budget = (
-            "none" if self.memory_budget is None else format_bytes(self.memory_budget)
+            format_bytes(self.memory_budget)
+            if self.memory_budget is not None
+            else "none"
+            if self.memory_limit is None
+            else f"none; tiles fit {format_bytes(self.memory_limit)}, this "
+            "machine's memory per worker"
         )
         lines = [
             (
@@ -258,16 +266,19 @@ def make_plan(
     cost: CostModel,
     tile: int | None = None,
     memory_budget: float | None = None,
+    memory_limit: float | None = None,
     workers: int = 1,
     flop_rate: float | None = None,
     max_tile: int = DEFAULT_MAX_TILE,
     factor_bytes_per_sample: float = 0.0,
     cache: str = "auto",
     cache_budget: float | None = None,
+    disk_limit: float | None = None,
 ) -> Plan:
     """Size the tiles and predict the figures of one job.
 
     With ``tile=None`` the tile is the largest square within ``memory_budget``
+    (without one, within ``memory_limit``, the machine's memory per worker)
     (at most ``max_tile``), shrunk while needed to give each worker
     ``MIN_TILES_PER_WORKER`` tiles, then evened out so the last tile is
     nearly full (2,000 samples: two tiles of 1,000, not 1,024 and 976). An
@@ -303,6 +314,12 @@ def make_plan(
                 )
     else:
         budget = memory_budget if memory_budget is not None else math.inf
+        if memory_budget is None and memory_limit is not None:
+            # No budget given: fit the machine, where even one sample fits it.
+            if cost.worker_bytes(1, 1) <= memory_limit:
+                budget = memory_limit
+            else:
+                memory_limit = None
         t = largest_tile_within(
             budget, cost, min(n_max, max_tile), what=what, output=output
         )
@@ -325,6 +342,7 @@ def make_plan(
         dtype=dtype,
         workers=workers,
         memory_budget=memory_budget,
+        memory_limit=memory_limit if memory_budget is None and tile is None else None,
     )
     tr, tc = plan.tile_rows, plan.tile_cols
     worker = cost.worker_bytes(tr, tc)
@@ -334,6 +352,8 @@ def make_plan(
             if memory_budget is None
             else max(0.0, memory_budget - worker)
         )
+        if plan.memory_limit is not None:
+            cache_budget = min(cache_budget, max(0.0, plan.memory_limit - worker))
     c, _, _, d = cost.flops
     contract = plan.n_tiles * max(0.0, c + d * tr * tc)
     passes = {
@@ -342,7 +362,13 @@ def make_plan(
     }
     figures = {k: (contract + f, r) for k, (f, r) in passes.items()}
     if cache == "auto":
-        level = choose_cache(figures, factor_bytes_per_sample, flop_rate)
+        factors_all = _all_factor_bytes(plan, factor_bytes_per_sample)
+        if disk_limit is not None and factors_all > disk_limit:
+            # A factor store that would not fit on disk is no choice.
+            figures_fit = {k: v for k, v in figures.items() if k != "store"}
+        else:
+            figures_fit = figures
+        level = choose_cache(figures_fit, factor_bytes_per_sample, flop_rate)
     elif cache in CACHE_LEVELS:
         level = cache
     else:
@@ -431,10 +457,11 @@ def choose_cache(
         return "none"
     rate = flop_rate or DEFAULT_FLOP_RATE
     seconds = {k: f / rate + r / READ_RATE for k, (f, r) in figures.items()}
-    best = min(CACHE_LEVELS, key=lambda k: (seconds[k], CACHE_LEVELS.index(k)))
+    levels = [k for k in CACHE_LEVELS if k in figures]
+    best = min(levels, key=lambda k: (seconds[k], CACHE_LEVELS.index(k)))
     # Keep the simpler level unless the other saves at least 10 %: I/O
     # predictions are rougher than FLOP counts.
-    for simpler in CACHE_LEVELS[: CACHE_LEVELS.index(best)]:
+    for simpler in levels[: levels.index(best)]:
         if seconds[simpler] <= 1.1 * seconds[best]:
             return simpler
     return best
