@@ -13,7 +13,7 @@ ways to get that weight's share of ``Θ[i, j, a, b]``:
   best for convolutions over large images.
 
 Each weight (parameter leaf) gets the cheaper of the two for a nominal tile
-size. Uses of one leaf with the same layout (weight sharing, scan steps) are
+size (rows that would hold more memory must be clearly cheaper). Uses of one leaf with the same layout (weight sharing, scan steps) are
 concatenated along ``T``, which sums every cross term. Leaves with no rule use
 their explicit Jacobian rows; only those rows are ever materialised.
 """
@@ -138,6 +138,24 @@ def _group_costs(
     return gram, rows
 
 
+ROWS_MARGIN = 1.25
+"""How much cheaper per-weight rows must be than the gram rule where they hold
+more bytes per sample than the gram rule's factors."""
+
+
+def _prefer_gram(
+    gram: float, rows: float, uses: Sequence[_walk.Use], output: str, o: int
+) -> bool:
+    """The gram rule, unless rows cost fewer FLOPs; rows that would hold more
+    bytes per sample (``O·P`` against ``T·(C + O·F)``) must cost
+    ``ROWS_MARGIN`` times fewer, since a tile holds both sides' factors."""
+    lays = [_layout(u) for u in uses]
+    rows_o = 1 if output == "pntk" else o
+    rows_items = rows_o * math.prod(uses[0].weight_shape)
+    gram_items = lays[0].b * sum(la.t for la in lays) * (lays[0].c + rows_o * lays[0].f)
+    return gram <= rows * (ROWS_MARGIN if rows_items > gram_items else 1.0)
+
+
 @final
 @dataclasses.dataclass(frozen=True)
 class StructuredDerivatives(AbstractKernelStrategy):
@@ -178,7 +196,8 @@ class StructuredDerivatives(AbstractKernelStrategy):
                 continue  # the same leaf reached through different chains
             gram, rows = _group_costs(uses, output, o, self.nominal_tile)
             use_gram = gram is not None and (
-                self.mode == "gram" or (self.mode == "auto" and gram <= rows)
+                self.mode == "gram"
+                or (self.mode == "auto" and _prefer_gram(gram, rows, uses, output, o))
             )
             groups.append(_Group(leaf, tuple(uses), use_gram))
         groups = _fold_biases(an, groups, set(by_leaf))
