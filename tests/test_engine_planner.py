@@ -186,10 +186,16 @@ def test_without_a_budget_tiles_fit_the_machine_limit():
     """No budget given: tiles are sized within the memory limit, and the plan
     says so; an explicit budget or tile leaves the limit out."""
     m = _big_tiles_model()
-    common = dict(
-        n1=4096, n2=4096, out_dim=1, output="trace", symmetric=True,
-        dtype="float32", strategy="structured", cost=m,
-    )
+    common = {
+        "n1": 4096,
+        "n2": 4096,
+        "out_dim": 1,
+        "output": "trace",
+        "symmetric": True,
+        "dtype": "float32",
+        "strategy": "structured",
+        "cost": m,
+    }
     limit = 4 * 2**30
     free = make_plan(**common)
     fitted = make_plan(**common, memory_limit=limit)
@@ -210,11 +216,19 @@ def test_without_a_budget_tiles_fit_the_machine_limit():
 
 def test_auto_cache_never_picks_a_factor_store_larger_than_the_disk():
     m = CostModel((0, 1e9, 1e9, 1e3), (0, 8, 8, 8), 1, 4, 64)
-    common = dict(
-        n1=20000, n2=20000, out_dim=1, output="trace", symmetric=True,
-        dtype="float32", strategy="structured", cost=m, tile=1000,
-        factor_bytes_per_sample=1e6, cache_budget=0.0,
-    )
+    common = {
+        "n1": 20000,
+        "n2": 20000,
+        "out_dim": 1,
+        "output": "trace",
+        "symmetric": True,
+        "dtype": "float32",
+        "strategy": "structured",
+        "cost": m,
+        "tile": 1000,
+        "factor_bytes_per_sample": 1e6,
+        "cache_budget": 0.0,
+    }
     roomy = make_plan(**common)
     assert roomy.cache == "store"  # factors are dear to recompute: kept on disk
     assert roomy.factor_bytes > 1e9

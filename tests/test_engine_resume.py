@@ -345,3 +345,48 @@ def test_killed_worker_process_the_job_completes_right(tmp_path):
         text
     )
     assert "| lost workers 1" in text.splitlines()[-1]
+
+
+def test_structured_rules_chosen_for_small_tiles_resume_with_the_same_rules(tmp_path):
+    """Where memory makes tiles small, ``structured`` chooses its per-weight rules
+    for them; the store records that instance, and a resumed job, a given plan
+    and the tile check all compute with it (its fingerprint is unchanged)."""
+    from jax import lax
+
+    def conv(p, x):
+        y = lax.conv_general_dilated(
+            x, p, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        return jnp.mean(jnp.tanh(y), axis=(1, 2))[:, :10]
+
+    rng = np.random.default_rng(0)
+    w = 1 / 17 + 0.05 * rng.normal(size=(3, 3, 32, 64))
+    x = rng.normal(size=(40, 8, 8, 32))
+    kw = {
+        "output": "trace",
+        "memory_budget": "320MiB",
+        "strategy": "structured",
+    }
+    plan = ntkdist.plan(conv, w, x, probe=False, **kw)
+    assert "nominal_tile=256" not in plan.strategy_repr
+    assert "per-weight rules chosen for" in str(plan)
+    path = tmp_path / "k.zarr"
+    s = ntkdist.compute(conv, w, x, store=path, executor="serial", progress=False, **kw)
+    assert s.spec.strategy_repr == plan.strategy_repr
+    reference = ntkdist.ntk(conv, w, x, output="trace", strategy="jacobian")
+    np.testing.assert_allclose(s.kernel[...], reference, rtol=1e-9)
+    # forget two tiles, then run the same call again: it resumes, not refuses
+    for key in ("0/0", "1/2"):
+        (path / "done" / "c" / key).unlink()
+    assert len(list(ntkdist.open(path).todo())) == 2
+    s = ntkdist.compute(conv, w, x, store=path, executor="serial", progress=False, **kw)
+    assert s.complete and s.spec.strategy_repr == plan.strategy_repr
+    np.testing.assert_allclose(s.kernel[...], reference, rtol=1e-9)
+    # a plan made beforehand runs its own instance, under auto too
+    other = tmp_path / "given.zarr"
+    kw["strategy"] = "auto"
+    s = ntkdist.compute(
+        conv, w, x, store=other, plan=plan, executor="serial", progress=False, **kw
+    )
+    assert s.spec.strategy_repr == plan.strategy_repr
+    np.testing.assert_allclose(s.kernel[...], reference, rtol=1e-9)

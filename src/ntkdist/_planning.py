@@ -24,7 +24,8 @@ from ._job import Job, with_strategy
 from ._planner import CostModel, Plan, make_plan
 from ._planner._budget import round_up, smaller_output
 from ._units import format_bytes, parse_bytes
-from .kernels import STRATEGIES, check_supported, get, tile_shape
+from .kernels import STRATEGIES, StructuredDerivatives, check_supported, get, tile_shape
+from .kernels._choose import from_record
 from .kernels._jit import contract_fn, factor_bytes_per_sample, factors_fn
 from .storage import StoreSpec
 
@@ -91,12 +92,15 @@ def plan_job(
     probe: bool = True,
     cache: str = "auto",
     disk_dir: str | None = None,
+    tune: bool = True,
 ) -> tuple[Job, Plan]:
     """Size tiles for ``job`` and predict its figures (no store is touched).
 
     With ``strategy="auto"`` every strategy is planned for the whole job
     (tiles, factor reuse, memory budget) and the one with the smallest
-    predicted time wins; the returned job carries it.
+    predicted time wins; the returned job carries it. With ``tune``,
+    ``structured`` chooses its per-weight rules for the tiles it gets (see
+    :func:`_tune_nominal`).
     """
     candidates = [job]
     if job.auto:
@@ -117,6 +121,10 @@ def plan_job(
                 continue
         try:
             p, cost = _plan_one(cand, tile, budget, workers, cache, limit, disk)
+            if tune:
+                cand, p, cost = _tune_nominal(
+                    cand, p, cost, (tile, budget, workers, cache, limit, disk)
+                )
         except PlanError as e:
             errors.append(e)
             side = 1 if tile is None else max(1, min(tile, max(cand.n1, cand.n2)))
@@ -190,8 +198,10 @@ def plan_to_run(
         tile = stored.plan.tile if tile is None else tile
         if cache == "auto":
             cache = stored.plan.cache
-        if job.auto and stored.strategy in STRATEGIES:
-            job = with_strategy(job, get(stored.strategy))
+        if (job.auto or job.strategy == get(stored.strategy)) and (
+            stored.strategy in STRATEGIES
+        ):  # the instance the store was computed with (structured's rules)
+            job = with_strategy(job, from_record(stored.strategy, stored.strategy_repr))
     return plan_job(
         job,
         tile=tile,
@@ -200,6 +210,7 @@ def plan_to_run(
         probe=probe,
         cache=cache,
         disk_dir=disk_dir,
+        tune=stored is None,
     )
 
 
@@ -224,7 +235,9 @@ def _adopt(job: Job, plan: Plan) -> Job:
             "with ntkdist.plan and the same arguments."
         )
     if job.auto and plan.strategy in STRATEGIES:
-        return with_strategy(job, get(plan.strategy))
+        return with_strategy(job, from_record(plan.strategy, plan.strategy_repr))
+    if job.strategy == get(plan.strategy) and plan.strategy_repr:
+        return with_strategy(job, from_record(plan.strategy, plan.strategy_repr))
     if job.strategy.name != plan.strategy:
         raise InputError(
             f"plan= computes with strategy {plan.strategy!r} but strategy="
@@ -286,6 +299,40 @@ def parallel_over(workers: int) -> int:
     return workers if jax.default_backend() != "cpu" else 1
 
 
+def _tune_nominal(
+    job: Job, plan: Plan, cost: CostModel, args: tuple[Any, ...]
+) -> tuple[Job, Plan, CostModel]:
+    """``structured`` with its per-weight rules chosen for the tiles it gets.
+
+    The default instance chooses rows or gram for 256-sample tiles; where the
+    memory allows smaller tiles (a ResNet-18 on a CPU worker: 21 samples), the
+    rules are chosen again for the planned tile, which changes the tile, up to
+    three times; the plan with the fewest FLOPs is kept. An instance with its
+    own nominal tile or mode is kept as it is.
+    """
+    if not (
+        isinstance(job.strategy, StructuredDerivatives)
+        and job.strategy == StructuredDerivatives()
+    ):
+        return job, plan, cost
+    best = (job, plan, cost)
+    seen = {job.strategy.nominal_tile}
+    for _ in range(3):
+        r, c = plan.tile_rows, plan.tile_cols
+        nominal = max(1, round(2 * r * c / (r + c)))
+        if nominal in seen or nominal >= StructuredDerivatives.nominal_tile:
+            break
+        seen.add(nominal)
+        cand = with_strategy(job, StructuredDerivatives(nominal_tile=nominal))
+        try:
+            plan, cost = _plan_one(cand, *args)
+        except PlanError:
+            break
+        if plan.total_flops < best[1].total_flops:
+            best = (cand, plan, cost)
+    return best
+
+
 def _plan_one(
     job: Job,
     tile: int | None,
@@ -322,4 +369,4 @@ def _plan_one(
         factor_bytes_per_sample=per_sample,
         cache=cache,
     )
-    return the_plan, cost
+    return dataclasses.replace(the_plan, strategy_repr=repr(job.strategy)), cost

@@ -35,7 +35,8 @@ from .executors import (
     TileSpec,
 )
 from .executors._factors import create_factor_stores, forget_job
-from .kernels import STRATEGIES, AbstractKernelStrategy, get
+from .kernels import STRATEGIES, AbstractKernelStrategy
+from .kernels._choose import from_record
 from .storage import (
     InputRecord,
     KernelStore,
@@ -283,7 +284,7 @@ def tile_spec(
         x1=x1,
         x2=source(spec.inputs.get("x2")),
         output=p.output,
-        strategy=strategy or get(spec.strategy),
+        strategy=strategy or from_record(spec.strategy, spec.strategy_repr),
         tile_rows=p.tile_rows,
         tile_cols=p.tile_cols,
         dtype=p.dtype,

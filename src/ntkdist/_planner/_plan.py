@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from typing import Any
 
 from .._errors import InputError, PlanError
@@ -43,6 +44,8 @@ class Plan:
         dtype: kernel dtype (``"float64"`` or ``"float32"``).
         workers: workers the figures assume.
         memory_budget: bytes per worker the tile was sized for (or ``None``).
+        strategy_repr: the strategy instance's ``repr`` (``structured``
+            records the tile its per-weight rules were chosen for).
         memory_limit: without a budget, the bytes per worker the tile was
             sized within: this machine's memory per worker (or ``None``).
         tile_flops: predicted FLOPs of one full tile.
@@ -97,6 +100,7 @@ class Plan:
     factor_flops: float = 0.0
     factor_rate: float | None = None
     memory_limit: float | None = None
+    strategy_repr: str = ""
 
     def __post_init__(self) -> None:
         """Check the plan is self-consistent."""
@@ -196,7 +200,7 @@ class Plan:
                 f"{self.output} {self.n1}×{self.n2}, O={self.out_dim}, {self.dtype}"
                 + (", symmetric (x2 = x1)" if self.symmetric else ""),
             ),
-            ("strategy", self.strategy),
+            ("strategy", self.strategy + _rules_note(self.strategy_repr)),
             ("tile", f"{self.tile_rows}×{self.tile_cols} samples (grid {g1}×{g2})"),
             (
                 "tiles to compute",
@@ -244,6 +248,15 @@ class Plan:
             f"in memory (up to {format_bytes(self.cache_bytes)})",
         }[self.cache]
         return f"{format_bytes(self.factor_bytes)} in all; {what}"
+
+
+def _rules_note(text: str) -> str:
+    """Where ``structured``'s per-weight rules were chosen for other than its
+    default 256-sample tiles, the tile they were chosen for."""
+    match = re.search(r"nominal_tile=(\d+)", text)
+    if not match or int(match[1]) == 256:
+        return ""
+    return f" (per-weight rules chosen for {match[1]}-sample tiles)"
 
 
 def _fmt_seconds(s: float) -> str:

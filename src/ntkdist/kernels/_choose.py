@@ -3,6 +3,7 @@ and can compute the model (one that cannot never takes ``auto`` down with it).""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -34,6 +35,26 @@ def get(name: str | AbstractKernelStrategy) -> AbstractKernelStrategy:
             f"{[*STRATEGIES, 'auto']} or an AbstractKernelStrategy instance."
         )
     return STRATEGIES[name]()
+
+
+_STRUCTURED = re.compile(r"StructuredDerivatives\(nominal_tile=(\d+), mode='(\w+)'\)")
+
+
+def from_record(name: str, text: str = "") -> AbstractKernelStrategy:
+    """The built-in strategy ``name`` as recorded by its ``repr`` ``text``:
+    ``structured`` keeps the nominal tile and mode its rules were chosen with.
+
+    Example:
+        >>> text = "StructuredDerivatives(nominal_tile=32, mode='auto')"
+        >>> from_record("structured", text)
+        StructuredDerivatives(nominal_tile=32, mode='auto')
+        >>> from_record("jacobian").name
+        'jacobian'
+    """
+    match = _STRUCTURED.fullmatch(text or "") if name == "structured" else None
+    if match:
+        return StructuredDerivatives(nominal_tile=int(match[1]), mode=match[2])
+    return get(name)
 
 
 def for_tile(

@@ -13,9 +13,10 @@ ways to get that weight's share of ``Θ[i, j, a, b]``:
   best for convolutions over large images.
 
 Each weight (parameter leaf) gets the cheaper of the two for a nominal tile
-size (rows that would hold more memory must be clearly cheaper). Uses of one leaf with the same layout (weight sharing, scan steps) are
-concatenated along ``T``, which sums every cross term. Leaves with no rule use
-their explicit Jacobian rows; only those rows are ever materialised.
+size (rows that would hold more memory must be clearly cheaper). Uses of one
+leaf with the same layout (weight sharing, scan steps) are concatenated along
+``T``, which sums every cross term. Leaves with no rule use their explicit
+Jacobian rows; only those rows are ever materialised.
 """
 
 from __future__ import annotations
