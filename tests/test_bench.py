@@ -171,6 +171,7 @@ def test_ooc_section_killed_resumed_serial(tmp_path):
     _check_ooc(r, tmp_path)
 
 
+@pytest.mark.slow
 @pytest.mark.cluster
 def test_ooc_section_killed_resumed_dask(tmp_path):
     r = _run(

@@ -227,7 +227,9 @@ def test_ctrl_c_in_process_says_how_to_resume(tmp_path, reference):
 
 
 @pytest.mark.cluster
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize(
+    "sig", [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)]
+)
 def test_signal_to_a_cluster_job_stops_it_quietly(tmp_path, reference, sig):
     root = _files(tmp_path, 256)
     _interrupt_then_resume(root, reference, sig, ["--workers", "2"])

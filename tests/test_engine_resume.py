@@ -272,6 +272,7 @@ def test_kill_9_of_a_serial_cli_job_then_rerun(tmp_path):
     assert wasted <= 1
 
 
+@pytest.mark.slow
 @pytest.mark.cluster
 def test_kill_9_of_a_dask_cli_job_then_rerun(tmp_path):
     # Window: 2 futures per worker thread; 2 workers of THREADS_PER_WORKER threads.

@@ -86,6 +86,7 @@ def ensemble_mlp(p, x):
     return h.sum(axis=1) / jnp.sqrt(h.shape[1])
 
 
+@pytest.mark.slow
 def test_wide_relu_mlp_converges_to_infinite_width_ntk():
     x = jax.random.normal(jax.random.PRNGKey(42), (12, 8), dtype=jnp.float64)
     depth, seeds, outputs = 2, 64, 10

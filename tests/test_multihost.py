@@ -228,6 +228,7 @@ def _wait_for(predicate, timeout):
     return False
 
 
+@pytest.mark.slow
 def test_job_completes_when_a_worker_link_is_cut(hosts, tmp_path):
     net, scheduler = hosts
     x, params = _job(240)

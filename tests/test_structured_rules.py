@@ -189,7 +189,11 @@ def case(request):
     return f, p, x1, x2, reference_ntk(f, p, x1, x2, "full")
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    "mode",
+    # auto (the default) by default; each rule forced everywhere in the slow run
+    [m if m == "auto" else pytest.param(m, marks=pytest.mark.slow) for m in MODES],
+)
 def test_rules_match_reference(case, mode):
     f, p, x1, x2, full = case
     strategy = StructuredDerivatives(mode=mode)
