@@ -153,6 +153,7 @@ def _check_ooc(r: dict, tmp_path) -> None:
     assert _scratch_left(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_ooc_section_killed_resumed_serial(tmp_path):
     r = _run(
         tmp_path,

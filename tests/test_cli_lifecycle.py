@@ -221,6 +221,7 @@ def _interrupt_then_resume(root, reference, sig, extra):
     assert kernel.tobytes() == reference.tobytes()
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_process_says_how_to_resume(tmp_path, reference):
     root = _files(tmp_path, 256)
     _interrupt_then_resume(root, reference, signal.SIGINT, ["--executor", "serial"])

@@ -38,6 +38,7 @@ MODELS = {
 MAY_REFUSE = ("ntvp", "structured")  # explicit strategies; jacobian and auto may not
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", sorted(ZOO_REAL))
 def test_default_call(model):
     """``ntk(f, p, x1, x2)`` as a user calls it, on every framework-built and

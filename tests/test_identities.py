@@ -15,7 +15,14 @@ from .zoo import ZOO
 MODELS = ["mlp_relu", "cnn", "attention", "scan"]
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize(
+    "name",
+    # two models by default, every model in the slow run
+    [
+        m if m in ("mlp_relu", "cnn") else pytest.param(m, marks=pytest.mark.slow)
+        for m in MODELS
+    ],
+)
 def test_psd_symmetric_and_pntk_two_ways(name):
     f, p, x1, _ = ZOO[name]()
     full = ntkdist.ntk(f, p, x1, output="full", strategy="structured")
@@ -30,7 +37,14 @@ def test_psd_symmetric_and_pntk_two_ways(name):
     assert_kernel_close(trace, np.einsum("ijaa->ij", full) / o, rtol=1e-10)
 
 
-@pytest.mark.parametrize("name", ["mlp_relu", "resnet_layernorm", "shared_weight"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "mlp_relu",
+        pytest.param("resnet_layernorm", marks=pytest.mark.slow),
+        pytest.param("shared_weight", marks=pytest.mark.slow),
+    ],
+)
 def test_additive_over_parameter_leaves(name):
     """Θ = Σ_leaves J_leaf J_leafᵀ: the kernel of each leaf alone adds up."""
     f, p, x1, x2 = ZOO[name]()

@@ -95,7 +95,7 @@ def _x(n: int, t: int, seed: int) -> jax.Array:
 @pytest.mark.parametrize(
     "fn", [rnn, reverse_rnn, nested_scan, carried_weight], ids=lambda f: f.__name__
 )
-@pytest.mark.parametrize("mode", ["gram", "rows"])
+@pytest.mark.parametrize("mode", ["gram", pytest.param("rows", marks=pytest.mark.slow)])
 def test_scans_match_reference(fn, mode, output):
     p, x1, x2 = _params(), _x(4, 6, 1), _x(3, 6, 2)
     strategy = StructuredDerivatives(mode=mode)
