@@ -252,6 +252,18 @@ def test_full_gram_orders_agree_with_the_plain_contraction(b):
     assert _deltas_first(10, 16, 16) and not _deltas_first(10, 64, 64)
 
 
+def _late_conv() -> tuple[Any, jax.Array, jax.Array]:
+    """A late convolution: few positions (8×8), many channels (128 → 256)."""
+
+    def f(p, x):
+        y = lax.conv_general_dilated(
+            x, p, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        return jnp.mean(y, axis=(1, 2))[:, :10]
+
+    return f, jnp.ones((3, 3, 128, 256)) / 34.0, jnp.ones((2, 8, 8, 128))
+
+
 def test_a_tile_alone_chooses_rows_or_gram_at_its_own_size():
     """``ntk``/``ntk_fn`` compute one tile: structured's per-weight choice is made
     at that tile's size (harmonic mean of its sides), not the engine's nominal."""
@@ -264,15 +276,7 @@ def test_a_tile_alone_chooses_rows_or_gram_at_its_own_size():
     assert for_tile("jacobian", 4, 4).name == "jacobian"
     # A late convolution (few positions, many channels) is gram at 16 but rows
     # at the engine's nominal 256 for output="trace".
-    w = jnp.ones((3, 3, 128, 256)) / 34.0
-
-    def f(p, x):
-        y = lax.conv_general_dilated(
-            x, p, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
-        )
-        return jnp.mean(y, axis=(1, 2))[:, :10]
-
-    x = jnp.ones((2, 8, 8, 128))
+    f, w, x = _late_conv()
     model = Model(f)
     (g16,), _ = for_tile("structured", 16, 16).groups(model, w, x, "trace")
     (g256,), _ = StructuredDerivatives().groups(model, w, x, "trace")
@@ -286,15 +290,7 @@ def test_rows_that_hold_more_memory_must_be_clearly_cheaper():
     fewer FLOPs."""
     from ntkdist.kernels._structured import ROWS_MARGIN, _group_costs
 
-    w = jnp.ones((3, 3, 128, 256)) / 34.0
-
-    def f(p, x):
-        y = lax.conv_general_dilated(
-            x, p, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
-        )
-        return jnp.mean(y, axis=(1, 2))[:, :10]
-
-    x = jnp.ones((2, 8, 8, 128))
+    f, w, x = _late_conv()
     model = Model(f)
     (g,), _ = StructuredDerivatives(nominal_tile=32).groups(model, w, x, "trace")
     assert g.gram

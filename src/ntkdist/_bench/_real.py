@@ -220,35 +220,22 @@ def run_engine(
         )
         device: dict[str, Any] = {}
         t0 = time.perf_counter()
+
+        def run(**how: Any) -> float:
+            ntkdist.compute(
+                fn, params, x, store=path, output=output, progress=False, **how
+            )
+            return time.perf_counter() - t0
+
         if gpus:
             from distributed import Client
 
             with gpu_cluster(gpus, x64=False) as cluster, Client(cluster) as client:
                 client.wait_for_workers(len(gpus))
-                ntkdist.compute(
-                    fn,
-                    params,
-                    x,
-                    store=path,
-                    output=output,
-                    client=client,
-                    plan=plan,
-                    progress=False,
-                )
-                wall = time.perf_counter() - t0
+                wall = run(client=client, plan=plan)
                 device = client.run(device_peak)
         else:
-            ntkdist.compute(
-                fn,
-                params,
-                x,
-                store=path,
-                output=output,
-                workers=workers,
-                executor=executor,
-                progress=False,
-            )
-            wall = time.perf_counter() - t0
+            wall = run(workers=workers, executor=executor)
     peaks = [v for v in device.values() if v]
     return {
         "case": case,
