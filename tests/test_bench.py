@@ -28,6 +28,7 @@ def test_unknown_section_is_refused(tmp_path):
         bench.main(["--sections", "tiles,nope", "--json", str(tmp_path / "b.json")])
 
 
+@pytest.mark.slow
 def test_tiles_auto_contraction_sections(tmp_path):
     r = _run(
         tmp_path,
@@ -115,6 +116,7 @@ def test_kernel_section_serial(tmp_path):
     assert _scratch_left(tmp_path) == []  # the stores were removed
 
 
+@pytest.mark.slow
 @pytest.mark.cluster
 def test_kernel_section_dask(tmp_path):
     r = _run(
