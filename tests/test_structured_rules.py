@@ -305,3 +305,31 @@ def test_rows_that_hold_more_memory_must_be_clearly_cheaper():
     a = ntkdist.ntk(f, w, x2, output="trace", strategy=k_gram)
     b = ntkdist.ntk(f, w, x2, output="trace", strategy=k_rows)
     np.testing.assert_allclose(a, b, rtol=1e-9)
+
+
+@pytest.mark.parametrize("scale", [0.0625, -3.0])
+def test_a_bias_added_to_a_scaled_product_folds_into_its_weight(scale):
+    """NTK parameterisation, ``c·(x @ W) + s·b`` (stax's and the anchor MLP's
+    form): the bias joins its weight's gram rule as the column ``s / c`` instead
+    of falling back to explicit Jacobian rows, and the kernel is unchanged."""
+
+    def f(p, x):
+        h = jnp.tanh(scale * (x @ p["w1"]) + 0.1 * p["b1"])
+        return (h @ p["w2"]) * 0.5 + p["b2"]
+
+    rng = np.random.default_rng(0)
+    p = {
+        "w1": jnp.asarray(rng.normal(size=(6, 8))),
+        "b1": jnp.asarray(rng.normal(size=8)),
+        "w2": jnp.asarray(rng.normal(size=(8, 3))),
+        "b2": jnp.asarray(rng.normal(size=3)),
+    }
+    x1 = jnp.asarray(rng.normal(size=(5, 6)))
+    x2 = jnp.asarray(rng.normal(size=(4, 6)))
+    strategy = StructuredDerivatives(mode="gram")
+    groups, fallback = strategy.groups(Model(f), p, x1, "full")
+    assert fallback == [] and all(g.bias is not None for g in groups)
+    full = reference_ntk(f, p, x1, x2, "full")
+    for out in ("full", "trace", "pntk"):
+        k = ntkdist.ntk(f, p, x1, x2, output=out, strategy=strategy)
+        assert_kernel_close(k, reduce_full(full, out), rtol=1e-10)

@@ -159,6 +159,8 @@ class _Walk:
     uses: list[Use] = dataclasses.field(default_factory=list)
     biases: list[Bias] = dataclasses.field(default_factory=list)
     use_out: dict[Any, int] = dataclasses.field(default_factory=dict)
+    # A use's output times a non-zero literal: the factor, for a bias added to it.
+    out_factor: dict[Any, float] = dataclasses.field(default_factory=dict)
     reads: dict[Any, int] = dataclasses.field(default_factory=dict)
     fallback: set[int] = dataclasses.field(default_factory=set)
     acts: dict[int, jax.Array] = dataclasses.field(default_factory=dict)
@@ -216,6 +218,8 @@ class _Walk:
         chains = [i for i, t in enumerate(tags) if t.chain is not None]
         data = any(t.data for t in tags)
         if not chains:
+            if name == "mul":
+                self._scaled_output(eqn)
             return [(o, DATA if data else CONST, None) for o in _bind(eqn, vals)]
         if name == "add" and len(chains) == 1 and not tags[1 - chains[0]].chain:
             biased = self._bias(eqn, vals, tags, scales, chains[0])
@@ -272,6 +276,7 @@ class _Walk:
         partner = self.use_out.get(other)
         if partner is None or self.reads.get(other) != 1:
             return None
+        factor = self.out_factor.get(other)
         (out,) = _bind(eqn, vals)
         spread = tags[b].spread
         if spread is not None:
@@ -286,8 +291,33 @@ class _Walk:
         if self.probes is None:
             self.biases.append(Bias(idx, leaf, ops, shape, partner))
         elif idx in self.active:
-            self.scales[idx] = scales[b]
+            # Added to c·y, the bias's cotangent is (1/c) times the use's delta.
+            scale = scales[b] if factor is None else _mul(scales[b], 1.0 / factor)
+            self.scales[idx] = scale
         return out, DATA, None
+
+    def _scaled_output(self, eqn: Any) -> None:
+        """``c·y`` with ``y`` a use's output read only here and ``c`` a non-zero
+        literal scalar (an NTK-parameterised layer): a bias added to it still
+        folds into the use's gram rule, as the column ``scale / c``."""
+        for k in (0, 1):
+            lit, var = eqn.invars[k], eqn.invars[1 - k]
+            if not isinstance(lit, jcore.Literal) or isinstance(var, jcore.Literal):
+                continue
+            partner = self.use_out.get(var)
+            value = lit.val
+            if (
+                partner is None
+                or self.reads.get(var) != 1
+                or jnp.ndim(value) != 0
+                or not jnp.issubdtype(jnp.result_type(value), jnp.floating)
+                or float(value) == 0.0
+            ):
+                continue
+            out = eqn.outvars[0]
+            self.use_out[out] = partner
+            self.out_factor[out] = self.out_factor.get(var, 1.0) * float(value)
+            return
 
     def _shifted(
         self, eqn: Any, vals: list[Any], tags: list[Tag], scales: list[Any], w: int
