@@ -391,3 +391,25 @@ def test_structured_rules_chosen_for_small_tiles_resume_with_the_same_rules(tmp_
     )
     assert s.spec.strategy_repr == plan.strategy_repr
     np.testing.assert_allclose(s.kernel[...], reference, rtol=1e-9)
+
+
+def test_a_store_of_a_custom_strategy_resumes_with_that_instance(tmp_path):
+    """A strategy whose name is not built in resumes (and adopts a given plan)
+    with the instance passed, never looked up by name."""
+    from ntkdist.kernels import JacobianContraction
+
+    @dataclasses.dataclass(frozen=True)
+    class Mine(JacobianContraction):
+        name: ClassVar[str] = "mine"
+
+    p, x = make_params(), np.random.default_rng(1).normal(size=(10, 3))
+    kw = {"output": "trace", "tile": 4, "strategy": Mine(), "executor": "serial"}
+    path = tmp_path / "k.zarr"
+    plan = ntkdist.plan(mlp, p, x, probe=False, output="trace", tile=4, strategy=Mine())
+    s = ntkdist.compute(mlp, p, x, store=path, plan=plan, progress=False, **kw)
+    (path / "done" / "c" / "0" / "1").unlink()
+    s = ntkdist.compute(mlp, p, x, store=path, progress=False, **kw)
+    assert s.complete
+    np.testing.assert_allclose(
+        s.kernel[...], ntkdist.ntk(mlp, p, x, output="trace"), rtol=1e-10
+    )

@@ -198,8 +198,8 @@ def plan_to_run(
         tile = stored.plan.tile if tile is None else tile
         if cache == "auto":
             cache = stored.plan.cache
-        if (job.auto or job.strategy == get(stored.strategy)) and (
-            stored.strategy in STRATEGIES
+        if stored.strategy in STRATEGIES and (
+            job.auto or job.strategy == get(stored.strategy)
         ):  # the instance the store was computed with (structured's rules)
             job = with_strategy(job, from_record(stored.strategy, stored.strategy_repr))
     return plan_job(
@@ -236,7 +236,7 @@ def _adopt(job: Job, plan: Plan) -> Job:
         )
     if job.auto and plan.strategy in STRATEGIES:
         return with_strategy(job, from_record(plan.strategy, plan.strategy_repr))
-    if job.strategy == get(plan.strategy) and plan.strategy_repr:
+    if plan.strategy in STRATEGIES and job.strategy == get(plan.strategy):
         return with_strategy(job, from_record(plan.strategy, plan.strategy_repr))
     if job.strategy.name != plan.strategy:
         raise InputError(
