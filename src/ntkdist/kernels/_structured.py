@@ -41,6 +41,7 @@ from ._base import (
     forward_flops,
     from_work,
 )
+from ._heads import folded_delta
 from ._layouts import (
     _canon_act_steps,
     _canon_delta_steps,
@@ -85,6 +86,21 @@ class _Group:
     uses: tuple[_walk.Use, ...]
     gram: bool
     bias: _walk.Bias | None = None  # a bias folded into this gram rule
+    # ``trace`` only: the head whose activation's deltas fold this use's
+    # ``O`` deltas into one vector per sample (see ``_heads``).
+    head: int | None = None
+
+
+def _head_for(
+    uses: Sequence[_walk.Use], heads: dict[int, int], output: str
+) -> int | None:
+    """The head folding this weight's deltas, for a dense weight used once."""
+    if output != "trace" or len(uses) != 1 or uses[0].index not in heads:
+        return None
+    lay = _layout(uses[0])
+    if lay.signature is None or lay.b != 1 or lay.t != 1 or uses[0].steps != 1:
+        return None
+    return heads[uses[0].index]
 
 
 def _bias_fits(use: _walk.Use, bias: _walk.Bias) -> bool:
@@ -116,9 +132,10 @@ def _pairs(output: str, o: int) -> int:
 
 
 def _group_costs(
-    uses: Sequence[_walk.Use], output: str, o: int, nominal: int
+    uses: Sequence[_walk.Use], output: str, o: int, nominal: int, folded: bool = False
 ) -> tuple[float | None, float]:
-    """Per-pair FLOPs of the gram rule (None if impossible) and of the rows rule."""
+    """Per-pair FLOPs of the gram rule (None if impossible) and of the rows rule
+    (``folded``: the deltas fold into one vector, see ``_Group.head``)."""
     lays = [_layout(u) for u in uses]
     rows_o = 1 if output == "pntk" else o
     p = math.prod(uses[0].weight_shape)
@@ -131,7 +148,7 @@ def _group_costs(
         return None, rows
     b, c, f = lays[0].b, lays[0].c, lays[0].f
     t = sum(lay.t for lay in lays)
-    pairs = _pairs(output, o)
+    pairs = 1 if folded else _pairs(output, o)
     if output == "full":  # contract t first (O·T²·F), then (u, f) (O²·T·F)
         gram = 2.0 * b * t * t * c + 2.0 * b * o * t * f * (t + o)
     else:
@@ -145,7 +162,12 @@ more bytes per sample than the gram rule's factors."""
 
 
 def _prefer_gram(
-    gram: float, rows: float, uses: Sequence[_walk.Use], output: str, o: int
+    gram: float,
+    rows: float,
+    uses: Sequence[_walk.Use],
+    output: str,
+    o: int,
+    folded: bool = False,
 ) -> bool:
     """The gram rule, unless rows cost fewer FLOPs; rows that would hold more
     bytes per sample (``O·P`` against ``T·(C + O·F)``) must cost
@@ -153,7 +175,8 @@ def _prefer_gram(
     lays = [_layout(u) for u in uses]
     rows_o = 1 if output == "pntk" else o
     rows_items = rows_o * math.prod(uses[0].weight_shape)
-    gram_items = lays[0].b * sum(la.t for la in lays) * (lays[0].c + rows_o * lays[0].f)
+    d_o = 1 if folded else rows_o
+    gram_items = lays[0].b * sum(la.t for la in lays) * (lays[0].c + d_o * lays[0].f)
     return gram <= rows * (ROWS_MARGIN if rows_items > gram_items else 1.0)
 
 
@@ -191,16 +214,24 @@ class StructuredDerivatives(AbstractKernelStrategy):
         for u in an.uses:
             if u.leaf not in an.fallback:
                 by_leaf.setdefault(u.leaf, []).append(u)
+        heads = dict(an.heads)
         groups = []
         for leaf, uses in sorted(by_leaf.items()):
             if len({u.chain for u in uses}) != 1:
                 continue  # the same leaf reached through different chains
-            gram, rows = _group_costs(uses, output, o, self.nominal_tile)
+            head = _head_for(uses, heads, output)
+            fold = head is not None
+            gram, rows = _group_costs(uses, output, o, self.nominal_tile, fold)
             use_gram = gram is not None and (
                 self.mode == "gram"
-                or (self.mode == "auto" and _prefer_gram(gram, rows, uses, output, o))
+                or (
+                    self.mode == "auto"
+                    and _prefer_gram(gram, rows, uses, output, o, fold)
+                )
             )
-            groups.append(_Group(leaf, tuple(uses), use_gram))
+            groups.append(
+                _Group(leaf, tuple(uses), use_gram, head=head if use_gram else None)
+            )
         groups = _fold_biases(an, groups, set(by_leaf))
         covered = {g.leaf for g in groups} | {g.bias.leaf for g in groups if g.bias}
         fallback = [k for k in range(an.n_leaves) if k not in covered]
@@ -222,20 +253,28 @@ class StructuredDerivatives(AbstractKernelStrategy):
             for i in active
             if i in uses
         }
+        heads = {g.head for g in groups if g.head is not None}
+        act_probes = {
+            h: jnp.zeros(uses[h].act_shape, uses[h].dtype) for h in sorted(heads)
+        }
         fb_leaves = [leaves[k] for k in fb]
 
         def one(xi: jax.Array) -> Any:
-            def f(probes: Any, fb_leaves: Any) -> Any:
+            def f(probes: Any, act_probes: Any, fb_leaves: Any) -> Any:
                 lv = list(leaves)
                 for k, v in zip(fb, fb_leaves, strict=True):
                     lv[k] = v
-                out, acts, scales = _walk.run(an, lv, xi[None], probes, active)
+                out, acts, scales = _walk.run(
+                    an, lv, xi[None], probes, active, act_probes
+                )
                 return out.reshape(-1), (acts, scales)
 
-            out, vjp, (acts, scales) = jax.vjp(f, probes, fb_leaves, has_aux=True)
+            out, vjp, (acts, scales) = jax.vjp(
+                f, probes, act_probes, fb_leaves, has_aux=True
+            )
             cts = cotangents(output, out.shape[0], out.dtype)
-            deltas, dfb = jax.vmap(vjp)(cts)
-            return _sample_factors(groups, acts, scales, deltas, dfb)
+            deltas, dact, dfb = jax.vmap(vjp)(cts)
+            return _sample_factors(groups, acts, scales, deltas, dfb, dact)
 
         grams, rows = jax.vmap(one)(x)
         return grams, rows
@@ -266,12 +305,14 @@ class StructuredDerivatives(AbstractKernelStrategy):
         factor_items = 0.0
         p_rows = sum(math.prod(jnp.shape(leaves[k])) for k in fb)
         for g in groups:
-            gram, _ = _group_costs(g.uses, output, o, self.nominal_tile)
+            fold = g.head is not None
+            gram, _ = _group_costs(g.uses, output, o, self.nominal_tile, fold)
             lays = [_layout(u) for u in g.uses]
             if g.gram:
                 flops += n1 * n2 * float(gram or 0.0)
                 t = sum(lay.t for lay in lays)
-                factor_items += lays[0].b * t * (lays[0].c + rows_o * lays[0].f)
+                d_o = 1 if fold else rows_o
+                factor_items += lays[0].b * t * (lays[0].c + d_o * lays[0].f)
             else:
                 flops += (n1 + n2) * sum(
                     2.0 * rows_o * la.b * la.t * la.c * la.f for la in lays
@@ -315,6 +356,7 @@ def _sample_factors(
     scales: dict[int, Any],
     deltas: dict[int, jax.Array],
     dfb: Sequence[jax.Array],
+    dact: dict[int, jax.Array] | None = None,
 ) -> tuple[list[tuple[jax.Array, jax.Array]], list[jax.Array]]:
     grams = []
     rows = []
@@ -328,7 +370,12 @@ def _sample_factors(
                 s = scales.get(g.bias.index)
                 ones = jnp.ones((*a[0].shape[:-1], 1), a[0].dtype)
                 a = [jnp.concatenate([a[0], _scale(ones, s)], axis=-1)]
-            d = [_canon_delta_steps(u, deltas[u.index]) for u in g.uses]
+            if g.head is not None and dact is not None:
+                (u,) = g.uses
+                q = folded_delta(deltas[u.index], dact[g.head])
+                d = [_canon_delta_steps(u, q)]
+            else:
+                d = [_canon_delta_steps(u, deltas[u.index]) for u in g.uses]
             grams.append((jnp.concatenate(a, axis=1), jnp.concatenate(d, axis=2)))
         else:
             r = [

@@ -47,6 +47,8 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jcore
 
+from ._heads import diagonal_heads
+
 # Primitives that map a chain value to a chain value. mul/div only with a
 # constant scalar; handled separately.
 _PERMUTING = {
@@ -171,6 +173,10 @@ class _Walk:
     spans: dict[int, tuple[int, int]] = dataclasses.field(default_factory=dict)
     scans: int = 0
     steps_of: dict[int, int] = dataclasses.field(default_factory=dict)
+    # Uses by equation (for ``_heads``) and zero probes on heads' activations.
+    use_eqns: dict[int, int] = dataclasses.field(default_factory=dict)
+    act_pos: dict[int, int] = dataclasses.field(default_factory=dict)
+    act_probes: dict[int, jax.Array] = dataclasses.field(default_factory=dict)
 
     # -- the interpreter -------------------------------------------------
 
@@ -360,13 +366,18 @@ class _Walk:
     def _use(
         self, eqn: Any, vals: list[Any], tags: list[Tag], scales: list[Any], w: int
     ) -> tuple[Any, Tag, Any]:
-        (out,) = _bind(eqn, vals)
         idx = self.counter
         self.counter += 1
+        if idx in self.act_probes:  # a head's activation: its delta is ∂f/∂h
+            vals = list(vals)
+            vals[1 - w] = vals[1 - w] + self.act_probes[idx].astype(vals[1 - w].dtype)
+        (out,) = _bind(eqn, vals)
         self.use_out[eqn.outvars[0]] = idx
         leaf, ops = tags[w].chain  # type: ignore[misc]
         act = vals[1 - w]
         if self.probes is None:
+            self.use_eqns[id(eqn)] = idx
+            self.act_pos[idx] = 1 - w
             self.uses.append(
                 Use(
                     index=idx,
@@ -534,6 +545,8 @@ class Analysis:
     fallback: frozenset[int]
     n_leaves: int
     spans: tuple[tuple[int, tuple[int, int]], ...] = ()  # see ``_Walk.spans``
+    # ``(use, head)``: uses whose deltas are ``g(x) ⊙ m_o`` (see ``_heads``).
+    heads: tuple[tuple[int, int], ...] = ()
 
 
 def analyse(
@@ -562,6 +575,9 @@ def analyse(
         frozenset(walk.fallback),
         len(leaves),
         tuple(sorted(walk.spans.items())),
+        tuple(
+            sorted(diagonal_heads(closed.jaxpr, walk.use_eqns, walk.act_pos).items())
+        ),
     )
 
 
@@ -571,8 +587,10 @@ def run(
     x_one: jax.Array,
     probes: Sequence[jax.Array],
     active: frozenset[int],
+    act_probes: dict[int, jax.Array] | None = None,
 ) -> tuple[jax.Array, dict[int, jax.Array], dict[int, Any]]:
-    """Evaluate with probes added on the active uses.
+    """Evaluate with probes added on the active uses (and on the activations
+    of the heads in ``act_probes``, keyed by use index).
 
     Returns:
         ``(output, activations, scales)``; the last two are keyed by use index.
@@ -583,6 +601,7 @@ def run(
         active=active,
         spans=dict(analysis.spans),
         steps_of={u.index: u.steps for u in analysis.uses},
+        act_probes=dict(act_probes or {}),
     )
     n = len(leaves)
     tags = [Tag(chain=(k, ())) for k in range(n)] + [DATA]

@@ -1,0 +1,208 @@
+"""Weight uses whose deltas are one per-sample vector times a fixed matrix.
+
+A use's delta for output ``o`` is ``δ_o = ∂f_o/∂z``, with ``z`` the use's
+output. When ``z`` reaches the network's output only through an elementwise
+map ``h = φ(z, …)`` that feeds one linear *head* ``H`` (``f = c·(h @ W) + …``,
+``W`` a parameter, the rest added or scaled by literals), the chain rule gives
+
+    δ_o(x) = g(x) ⊙ m_o,    g = ∂h/∂z (a diagonal),  m_o = ∂f_o/∂h,
+
+and ``m_o`` does not depend on ``x``. The ``trace`` kernel's share of such a
+dense weight, ``(a1·a2) Σ_o ⟨δ1_o, δ2_o⟩``, then contracts over ``F`` instead
+of ``O·F``: ``Σ_o ⟨δ1_o, δ2_o⟩ = ⟨q1, q2⟩`` with ``q = g ⊙ √(Σ_o m_o²)``.
+``q`` comes from the deltas the factor pass computes anyway and the deltas
+``m_o`` of a zero probe added to the head's activation:
+``q = Σ_o δ_o ⊙ m_o / √(Σ_o m_o²)``. The last hidden layer of an MLP or of a
+CNN's dense classifier is such a use; its share of a ``trace`` tile shrinks
+``O``-fold.
+
+The test is structural, on the model's top-level jaxpr: every value that
+depends on ``z`` is made by an elementwise primitive (operands of one shape or
+scalars), except the head's output, and the head's output reaches the
+network's output through adds, literal scalings and reshapes only. Anything
+else (a reduction, a second consumer, a skip to the output, a call) leaves the
+use as it was, which is always correct.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.extend import core as jcore
+
+# Primitives that act entry by entry on operands of the output's shape (or
+# scalars): their Jacobian with respect to any operand is diagonal.
+_ELEMENTWISE = frozenset(
+    {
+        "abs", "add", "sub", "mul", "div", "neg", "max", "min", "pow",
+        "integer_pow", "square", "sqrt", "rsqrt", "cbrt", "exp", "exp2",
+        "log", "log1p", "expm1", "tanh", "logistic", "sin", "cos", "tan",
+        "erf", "erfc", "erf_inv", "atan", "sinh", "cosh", "asinh", "select_n",
+        "clamp", "sign", "convert_element_type", "copy", "copy_p",
+        "reduce_precision", "gt", "ge", "lt", "le", "eq", "ne",
+        "is_finite", "stop_gradient", "nextafter", "floor", "ceil", "round",
+    }
+)  # fmt: skip
+# What may lie between the head's output and the network's output: each keeps
+# ∂f/∂y a fixed multiple of a fixed re-indexing.
+_AFTER_HEAD = frozenset(
+    {"add", "sub", "neg", "mul", "div", "convert_element_type", "copy", "copy_p",
+     "reshape", "squeeze", "expand_dims"}
+)  # fmt: skip
+
+
+def _shape(v: Any) -> tuple[int, ...]:
+    return tuple(v.aval.shape)
+
+
+def _is_elementwise(eqn: Any) -> bool:
+    if len(eqn.outvars) != 1:
+        return False
+    out = _shape(eqn.outvars[0])
+    if not all(_shape(v) in (out, ()) for v in eqn.invars):
+        return False
+    if eqn.primitive.name == "custom_jvp_call":
+        return _custom_jvp_is_elementwise(eqn)
+    return eqn.primitive.name in _ELEMENTWISE
+
+
+def _custom_jvp_is_elementwise(eqn: Any) -> bool:
+    """Whether a ``custom_jvp`` function of one array (``jax.nn.relu``) has a
+    rule whose tangent map is elementwise: its derivative is the rule's, so
+    the rule is what must be diagonal."""
+    if eqn.params.get("num_consts", 0) != 0 or len(eqn.invars) != 1:
+        return False
+    try:
+        if eqn.params.get("symbolic_zeros"):
+            return False
+        jaxpr, _, *_ = eqn.params["jvp_jaxpr_fun"].call_wrapped(False)
+    except Exception:  # an unfamiliar rule representation: leave the use alone
+        return False
+    inner = getattr(jaxpr, "jaxpr", jaxpr)
+    if len(inner.invars) != 2 or len(inner.outvars) != 2:
+        return False
+    made = {inner.invars[1]}  # the tangent
+    for e in inner.eqns:
+        if any(not isinstance(v, jcore.Literal) and v in made for v in e.invars):
+            if not _is_elementwise(e):
+                return False
+            made.update(e.outvars)
+    return True  # a tangent output not made from the tangent is zero
+
+
+def _is_literal_scalar(v: Any) -> bool:
+    return isinstance(v, jcore.Literal) and _shape(v) == ()
+
+
+def _reaches_output_linearly(
+    eqns: Sequence[Any], start: int, out: Any, reads: dict[Any, int]
+) -> bool:
+    """Whether the output of ``eqns[start]`` becomes ``out`` through one chain
+    of adds of values not made from it, literal scalings, casts and reshapes,
+    each value of the chain read once."""
+    cur = eqns[start].outvars[0]
+    for eqn in eqns[start + 1 :]:
+        if cur is out:
+            break
+        if reads.get(cur) != 1:
+            return False
+        hits = [k for k, v in enumerate(eqn.invars) if v is cur]
+        if not hits:
+            continue
+        name = eqn.primitive.name
+        if len(hits) != 1 or name not in _AFTER_HEAD or len(eqn.outvars) != 1:
+            return False
+        (k,) = hits
+        if name in ("mul", "div"):
+            if (name == "div" and k != 0) or not _is_literal_scalar(eqn.invars[1 - k]):
+                return False
+        elif name in ("add", "sub") and _shape(eqn.outvars[0]) != _shape(cur):
+            return False
+        cur = eqn.outvars[0]
+    return cur is out
+
+
+def _reads(jaxpr: Any) -> dict[Any, int]:
+    reads: dict[Any, int] = {}
+    for eqn in jaxpr.eqns:
+        for v in eqn.invars:
+            if not isinstance(v, jcore.Literal):
+                reads[v] = reads.get(v, 0) + 1
+    for v in jaxpr.outvars:
+        if not isinstance(v, jcore.Literal):
+            reads[v] = reads.get(v, 0) + 1
+    return reads
+
+
+def diagonal_heads(
+    jaxpr: Any, use_eqns: dict[int, int], act_pos: dict[int, int]
+) -> dict[int, int]:
+    """``{use: head}`` for the top-level uses whose deltas are ``g(x) ⊙ m_o``.
+
+    Args:
+        jaxpr: the model's per-sample (open) jaxpr.
+        use_eqns: ``id(eqn) -> use index`` for the uses the walk recorded.
+        act_pos: the activation operand's position in each use's equation.
+    """
+    if len(jaxpr.outvars) != 1 or isinstance(jaxpr.outvars[0], jcore.Literal):
+        return {}
+    (out,) = jaxpr.outvars
+    reads = _reads(jaxpr)
+    eqns = list(jaxpr.eqns)
+    found: dict[int, int] = {}
+    for start, eqn in enumerate(eqns):
+        u = use_eqns.get(id(eqn))
+        if u is None:
+            continue
+        head = _head_of(eqns, start, use_eqns, act_pos, out)
+        if head is not None and _reaches_output_linearly(eqns, head[1], out, reads):
+            found[u] = head[0]
+    return found
+
+
+def _head_of(
+    eqns: Sequence[Any],
+    start: int,
+    use_eqns: dict[int, int],
+    act_pos: dict[int, int],
+    out: Any,
+) -> tuple[int, int] | None:
+    """The one head use (and its equation's position) that the output of
+    ``eqns[start]`` reaches through elementwise primitives alone, if so."""
+    made = {eqns[start].outvars[0]}
+    head = None
+    for at in range(start + 1, len(eqns)):
+        eqn = eqns[at]
+        ins = [
+            k
+            for k, v in enumerate(eqn.invars)
+            if not isinstance(v, jcore.Literal) and v in made
+        ]
+        if not ins:
+            continue
+        h = use_eqns.get(id(eqn))
+        if h is not None and eqn.primitive.name == "dot_general":
+            if head is not None or ins != [act_pos[h]]:
+                return None
+            head = (h, at)
+            continue
+        if not _is_elementwise(eqn):
+            return None
+        made.update(eqn.outvars)
+    if head is None or out in made:
+        return None
+    return head
+
+
+def folded_delta(delta: jax.Array, m: jax.Array) -> jax.Array:
+    """``[1, *out]``: the ``O`` deltas ``g ⊙ m_o`` of a use folded into one
+    vector ``q = g ⊙ √(Σ_o m_o²) / √O``, so that ``⟨q1, q2⟩`` is the ``trace``'s
+    ``Σ_o ⟨δ1_o, δ2_o⟩ / O``. ``m[o]`` is ``∂f_o/∂h`` at the head's activation
+    ``h``, the same for every sample (see ``_heads``)."""
+    w = jnp.sum(m * m, axis=0)
+    safe = jnp.where(w > 0, w, 1.0)
+    q = jnp.where(w > 0, jnp.sum(delta * m, axis=0) / jnp.sqrt(safe), 0.0)
+    return (q / jnp.sqrt(jnp.asarray(delta.shape[0], q.dtype)))[None]
