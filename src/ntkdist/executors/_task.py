@@ -101,23 +101,38 @@ def run_tile(
     write error that no retry fixes (read-only, full, forbidden) is returned
     as a :class:`WriteFault`, not raised, so it is not retried.
     """
+    block = compute_tile(tile, spec, model_params)
+    if isinstance(block, WriteFault):
+        return block
+    return write_block(tile, spec, block)
+
+
+def compute_tile(
+    tile: Tile, spec: TileSpec, model_params: ByValue | tuple[Model, Any]
+) -> np.ndarray | WriteFault:
+    """The tile's block, computed while holding this process's compute slot."""
     try:
-        return _run_tile(tile, spec, model_params)
+        model, params = _load(model_params)
+        model = canonical_model(spec.model_key, model)
+        # One tile computes at a time per process (it has every core, or the
+        # process's one accelerator); a second thread writes the previous
+        # tile meanwhile, so the write overlaps the next compute.
+        with COMPUTE_SLOT, matmul_precision(spec.precision):
+            return compute_block(tile, spec, model, params)
     except OSError as err:
         if is_fatal(err):
             return WriteFault.of(err)
         raise
 
 
-def _run_tile(
-    tile: Tile, spec: TileSpec, model_params: ByValue | tuple[Model, Any]
-) -> tuple[int, int]:
-    model, params = _load(model_params)
-    model = canonical_model(spec.model_key, model)
-    # One tile computes at a time per process (it has every core, or the
-    # process's one accelerator); a second worker thread writes the previous
-    # tile meanwhile, so the write overlaps the next compute.
-    with COMPUTE_SLOT, matmul_precision(spec.precision):
-        block = compute_block(tile, spec, model, params)
-    kernel = open_array(spec.store, "kernel", "r+", spec.fingerprint)
-    return write_tile(kernel, tile, block, spec.output)
+def write_block(
+    tile: Tile, spec: TileSpec, block: np.ndarray
+) -> tuple[int, int] | WriteFault:
+    """Write a computed block (and its mirror); return the checksums."""
+    try:
+        kernel = open_array(spec.store, "kernel", "r+", spec.fingerprint)
+        return write_tile(kernel, tile, block, spec.output)
+    except OSError as err:
+        if is_fatal(err):
+            return WriteFault.of(err)
+        raise
