@@ -163,10 +163,29 @@ def _output_shape(model: Model, params: Any, x: Any, n: int) -> Any:
         ) from err
 
 
+def _batched_and_alone(model: Model, params: Any, xs: jax.Array) -> Any:
+    """The model on the batch ``xs`` and on each sample alone (a batch of one).
+
+    One jitted program (``vmap`` over batches of one sample): several times
+    faster than running the model eagerly five times, even counting the
+    compilation. A model that cannot be vmapped runs eagerly instead.
+    """
+
+    def both(params: Any, xs: jax.Array) -> Any:
+        alone = jax.vmap(lambda xi: model(params, xi[None])[0])(xs)
+        return model(params, xs), alone
+
+    try:
+        return jax.jit(both)(params, xs)
+    except Exception:
+        batched = model(params, xs)
+        rows = [model(params, xs[i : i + 1]) for i in range(xs.shape[0])]
+        return batched, jnp.concatenate(rows)
+
+
 def _check_independent(model: Model, params: Any, x: Any) -> None:
     xs = jnp.asarray(x[: min(4, x.shape[0])])
-    batched = model(params, xs)
-    alone = jnp.concatenate([model(params, xs[i : i + 1]) for i in range(xs.shape[0])])
+    batched, alone = _batched_and_alone(model, params, xs)
     tol = independence_tolerance(str(batched.dtype))
     scale = float(jnp.max(jnp.abs(alone))) + 1.0
     if float(jnp.max(jnp.abs(batched - alone))) > tol * scale:

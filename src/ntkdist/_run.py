@@ -28,7 +28,6 @@ from ._report import Reporter, first_line
 from ._version import __version__
 from .executors import (
     AbstractExecutor,
-    DaskExecutor,
     InputSource,
     Progress,
     SerialExecutor,
@@ -80,6 +79,8 @@ def make_executor(
             f"executor={executor!r}; expected 'auto', 'dask', 'serial' or an "
             "AbstractExecutor instance."
         )
+    from .executors._dask import DaskExecutor  # distributed: only when needed
+
     return DaskExecutor(
         client,
         address=scheduler,

@@ -21,7 +21,6 @@ import jax.numpy as jnp
 import numpy as np
 
 import ntkdist
-from ntkdist.executors._dask import default_workers
 
 from .._model import Model
 from .._planner import format_bytes
@@ -91,6 +90,8 @@ def run_kernel(
     fn, params, shape = bench.reference_mlp()
     model = Model(fn)
     x = np.random.default_rng(0).normal(size=(n, *shape)).astype(np.float32)
+    from ..executors._dask import default_workers
+
     n_workers = 1 if executor == "serial" else workers or default_workers()
     rows = []
     for output in outputs:

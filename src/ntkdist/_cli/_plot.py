@@ -77,9 +77,7 @@ def run_plot(args: argparse.Namespace) -> int:
 
     try:
         kernel = load_kernel(args.store)
-        labels = (
-            None if args.labels is None else load_input(args.labels, "--labels")
-        )
+        labels = None if args.labels is None else load_input(args.labels, "--labels")
         path = plot_kernel(
             kernel,
             args.out,

@@ -21,7 +21,6 @@ from collections.abc import Callable
 from typing import final
 
 import numpy as np
-import scipy.linalg
 
 from .._errors import KernelInputError, SolverError as SolverError
 from ._source import KernelSource
@@ -81,6 +80,8 @@ def cholesky(a: np.ndarray, block: int = BLOCK) -> np.ndarray:
         >>> np.allclose(cholesky(a.copy(), block=1) @ cholesky(a.copy()).T, a)
         True
     """
+    import scipy.linalg
+
     n = a.shape[0]
     for k in range(0, n, block):
         e = min(n, k + block)
@@ -112,6 +113,8 @@ def _tril_inplace(a: np.ndarray, block: int) -> np.ndarray:
 
 def solve_lower(lower: np.ndarray, b: np.ndarray, block: int = BLOCK) -> np.ndarray:
     """Solve ``L y = b`` by blocked forward substitution."""
+    import scipy.linalg
+
     n = lower.shape[0]
     y = np.array(b, dtype=np.float64)
     for k in range(0, n, block):
@@ -126,6 +129,8 @@ def solve_lower(lower: np.ndarray, b: np.ndarray, block: int = BLOCK) -> np.ndar
 
 def cho_solve(lower: np.ndarray, b: np.ndarray, block: int = BLOCK) -> np.ndarray:
     """Solve ``L Lᵀ x = b`` by blocked forward and back substitution."""
+    import scipy.linalg
+
     n = lower.shape[0]
     y = solve_lower(lower, b, block)
     for k in reversed(range(0, n, block)):
@@ -205,6 +210,8 @@ def block_jacobi(source: KernelSource, shifts: np.ndarray) -> Preconditioner:
     One Cholesky factor per diagonal tile, distinct shift and independent
     system; reads the diagonal tiles once.
     """
+    import scipy.linalg
+
     unique = np.unique(shifts)
     factors = []
     for r0, r1, block in source.diagonal_blocks():
@@ -248,6 +255,8 @@ def nystrom(
     if the kernel's spectrum above ``λ_r`` were flattened, which suits NTKs,
     whose eigenvalues decay fast.
     """
+    import scipy.linalg
+
     n, w = source.shape[0], source.width
     size = n * w
     rank = min(rank, size)

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, final
+from typing import TYPE_CHECKING, Any, final
 
 import numpy as np
-import scipy.sparse.linalg
+
+if TYPE_CHECKING:
+    import scipy.sparse.linalg
 
 from ._source import (
     KernelInputError,
@@ -208,6 +210,8 @@ class _Operator:
         return out.reshape(v2.shape) if np.ndim(v) == 2 else out.reshape(-1)
 
     def linear_operator(self) -> scipy.sparse.linalg.LinearOperator:
+        import scipy.sparse.linalg
+
         return scipy.sparse.linalg.LinearOperator(
             (self.size, self.size), matvec=self, matmat=self, dtype=np.float64
         )
@@ -216,6 +220,8 @@ class _Operator:
 def _lanczos(
     op: _Operator, k: int, *, vectors: bool, smallest: bool, tol: float, seed: int
 ) -> Spectrum:
+    import scipy.sparse.linalg  # about 0.2 s: only for a spectrum
+
     lin = op.linear_operator()
     v0 = np.random.default_rng(seed).standard_normal(op.size)
     lam, vec = scipy.sparse.linalg.eigsh(lin, k=k, which="LA", tol=tol, v0=v0)
