@@ -20,6 +20,7 @@ import pytest
 import ntkdist
 from ntkdist._model import Model
 from ntkdist.kernels import StructuredDerivatives
+from ntkdist.kernels._jit import factor_layout, factors_fn, tile_from_factors
 from ntkdist.kernels._structured import analysis_for
 from ntkdist.testing import assert_kernel_close, reference_ntk
 
@@ -145,9 +146,35 @@ def test_the_last_hidden_layer_folds_into_its_head_and_the_kernel_is_unchanged(n
     s = StructuredDerivatives()
     groups, _ = s.groups(Model(fn), p, x1, "trace")
     assert [g.head for g in groups if g.head is not None] == [heads[_w2_use(fn, p, x1)]]
+    # The engine's separate factor and contraction programs fold: w2's deltas
+    # are one vector per sample.
+    _, shapes = factor_layout(s, Model(fn), "trace", p, x1)
+    assert (x1.shape[0], 1, 1, 1, H) in [shape for shape, _ in shapes]
     for output in ("trace", "full", "diagonal", "pntk"):
-        got = ntkdist.ntk(fn, p, x1, x2, output=output, strategy="structured")
-        assert_kernel_close(got, reference_ntk(fn, p, x1, x2, output), rtol=1e-12)
+        want = reference_ntk(fn, p, x1, x2, output)
+        f1, f2 = (factors_fn(s, Model(fn), output, p, x) for x in (x1, x2))
+        got = tile_from_factors(s, Model(fn), output, p, f1, f2)
+        assert_kernel_close(got, want, rtol=1e-12)
+        fused = ntkdist.ntk(fn, p, x1, x2, output=output, strategy="structured")
+        assert_kernel_close(fused, want, rtol=1e-12)
+
+
+def test_an_engine_job_with_a_folded_layer_equals_the_reference(tmp_path):
+    p = _params()
+    x = jax.random.normal(jax.random.PRNGKey(11), (11, D))
+    ntkdist.compute(
+        ntk_param,
+        p,
+        x,
+        store=str(tmp_path / "k.zarr"),
+        output="trace",
+        strategy="structured",
+        tile=4,
+        executor="serial",
+        progress=False,
+    )
+    got = ntkdist.open(str(tmp_path / "k.zarr")).kernel[...]
+    assert_kernel_close(got, reference_ntk(ntk_param, p, x, None, "trace"), rtol=1e-12)
 
 
 def test_folding_cuts_the_trace_contraction_by_the_output_count(monkeypatch):
@@ -157,7 +184,7 @@ def test_folding_cuts_the_trace_contraction_by_the_output_count(monkeypatch):
     x1, _ = _inputs()
     s = StructuredDerivatives(mode="gram")
     folded = s.cost(Model(ntk_param), p, x1, 64, 64, "trace").flops
-    monkeypatch.setattr(structured, "_head_for", lambda *a: None)
+    monkeypatch.setattr(structured, "head_for", lambda *a: None)
     unfolded = s.cost(Model(ntk_param), p, x1, 64, 64, "trace").flops
     # w2's share per pair: 2·H + OUT·(2·H + 2) unfolded, 2·H + (2·H + 2) folded.
     assert unfolded - folded == pytest.approx(64 * 64 * (OUT - 1) * (2.0 * H + 2))

@@ -17,6 +17,7 @@ pntk       (N1, N2)         ``(1/O) Σ_a Σ_b Θ[i, j, a, b]``, the NTK of
 from __future__ import annotations
 
 import abc
+import contextvars
 import dataclasses
 import functools
 import math
@@ -155,6 +156,12 @@ class AbstractKernelStrategy(abc.ABC):
         return k if x2 is not None else _symmetrize(k, output)
 
 
+FUSED = contextvars.ContextVar("ntkdist_fused_tile", default=False)
+"""True while a strategy is traced into one program with its contraction
+(``tile``), not into the separate factor and contraction programs the engine
+runs; a strategy may lay its factors out differently for each."""
+
+
 def _tile_impl(
     strategy: AbstractKernelStrategy,
     model: Model,
@@ -163,11 +170,15 @@ def _tile_impl(
     x1: jax.Array,
     x2: jax.Array | None,
 ) -> jax.Array:
-    f1 = strategy.factors(model, params, x1, output)
-    if x2 is None:
-        return strategy.contract(model, params, f1, f1, output)
-    f2 = strategy.factors(model, params, x2, output)
-    return strategy.contract(model, params, f1, f2, output)
+    token = FUSED.set(True)
+    try:
+        f1 = strategy.factors(model, params, x1, output)
+        if x2 is None:
+            return strategy.contract(model, params, f1, f1, output)
+        f2 = strategy.factors(model, params, x2, output)
+        return strategy.contract(model, params, f1, f2, output)
+    finally:
+        FUSED.reset(token)
 
 
 _tile = jax.jit(_tile_impl, static_argnums=(0, 1, 2))

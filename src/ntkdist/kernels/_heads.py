@@ -31,7 +31,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.extend import core as jcore
+
+from ._base import cotangents
+from ._layouts import _layout
+from ._walk import Analysis, Use, run
 
 # Primitives that act entry by entry on operands of the output's shape (or
 # scalars): their Jacobian with respect to any operand is diagonal.
@@ -202,7 +207,45 @@ def folded_delta(delta: jax.Array, m: jax.Array) -> jax.Array:
     vector ``q = g ⊙ √(Σ_o m_o²) / √O``, so that ``⟨q1, q2⟩`` is the ``trace``'s
     ``Σ_o ⟨δ1_o, δ2_o⟩ / O``. ``m[o]`` is ``∂f_o/∂h`` at the head's activation
     ``h``, the same for every sample (see ``_heads``)."""
-    w = jnp.sum(m * m, axis=0)
-    safe = jnp.where(w > 0, w, 1.0)
-    q = jnp.where(w > 0, jnp.sum(delta * m, axis=0) / jnp.sqrt(safe), 0.0)
-    return (q / jnp.sqrt(jnp.asarray(delta.shape[0], q.dtype)))[None]
+    o = delta.shape[0]
+    w = jnp.sum(m * m, axis=0) * o
+    # Where w = 0 every δ_o is 0 too, and so is the numerator.
+    q = jnp.sum(delta * m, axis=0) * lax.rsqrt(jnp.maximum(w, jnp.finfo(w.dtype).tiny))
+    return q[None]
+
+
+def head_for(uses: Sequence[Use], heads: dict[int, int], output: str) -> int | None:
+    """The head folding this weight's deltas, for a dense weight used once."""
+    if output != "trace" or len(uses) != 1 or uses[0].index not in heads:
+        return None
+    lay = _layout(uses[0])
+    if lay.signature is None or lay.b != 1 or lay.t != 1 or uses[0].steps != 1:
+        return None
+    return heads[uses[0].index]
+
+
+def head_deltas(
+    an: Analysis,
+    leaves: list[Any],
+    x: jax.Array,
+    output: str,
+    heads: set[int | None],
+    uses: dict[int, Use],
+) -> dict[int, jax.Array]:
+    """``∂f_o/∂h`` at each folding head's activation ``h``, ``[o, *h]``.
+
+    The same for every sample (see ``_heads``), so it comes from the first
+    sample alone, outside the per-sample factor pass.
+    """
+    found = sorted(h for h in heads if h is not None)
+    if not found:
+        return {}
+    zeros = {h: jnp.zeros(uses[h].act_shape, uses[h].dtype) for h in found}
+
+    def f(act_probes: Any) -> jax.Array:
+        out, _, _ = run(an, leaves, x[:1], {}, frozenset(), act_probes)
+        return out.reshape(-1)
+
+    out, vjp = jax.vjp(f, zeros)
+    (m,) = jax.vmap(vjp)(cotangents(output, out.shape[0], out.dtype))
+    return m

@@ -47,8 +47,6 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jcore
 
-from ._heads import diagonal_heads
-
 # Primitives that map a chain value to a chain value. mul/div only with a
 # constant scalar; handled separately.
 _PERMUTING = {
@@ -568,6 +566,8 @@ def analyse(
         return outs
 
     jax.eval_shape(abstract, avals, x_one)
+    from ._heads import diagonal_heads  # it reads this module's types
+
     return Analysis(
         closed,
         tuple(walk.uses),
