@@ -42,7 +42,7 @@ from ._base import (
     forward_flops,
     from_work,
 )
-from ._heads import folded_delta, head_deltas, head_for
+from ._heads import diagonal_heads, folded_delta, head_deltas, head_for
 from ._layouts import (
     _canon_act_steps,
     _canon_delta_steps,
@@ -66,7 +66,9 @@ def _analysis(
     # ``precision``: the traced jaxpr records the matmul precision in force,
     # so a walk is reused only at the precision it was traced with.
     avals = [jax.ShapeDtypeStruct(s, d) for s, d in leaf_avals]
-    return _walk.analyse(model, avals, treedef, jax.ShapeDtypeStruct(*x_aval))
+    an = _walk.analyse(model, avals, treedef, jax.ShapeDtypeStruct(*x_aval))
+    heads = diagonal_heads(an.jaxpr.jaxpr, dict(an.use_eqns), dict(an.act_pos))
+    return dataclasses.replace(an, heads=tuple(sorted(heads.items())))
 
 
 def analysis_for(model: Model, params: Any, x: jax.Array) -> _walk.Analysis:

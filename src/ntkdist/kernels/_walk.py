@@ -543,7 +543,10 @@ class Analysis:
     fallback: frozenset[int]
     n_leaves: int
     spans: tuple[tuple[int, tuple[int, int]], ...] = ()  # see ``_Walk.spans``
-    # ``(use, head)``: uses whose deltas are ``g(x) ⊙ m_o`` (see ``_heads``).
+    # ``(id(eqn), use)`` of top-level uses, and each use's activation operand
+    # position: what ``_heads`` reads. ``heads``: what it found, ``(use, head)``.
+    use_eqns: tuple[tuple[int, int], ...] = ()
+    act_pos: tuple[tuple[int, int], ...] = ()
     heads: tuple[tuple[int, int], ...] = ()
 
 
@@ -566,8 +569,6 @@ def analyse(
         return outs
 
     jax.eval_shape(abstract, avals, x_one)
-    from ._heads import diagonal_heads  # it reads this module's types
-
     return Analysis(
         closed,
         tuple(walk.uses),
@@ -575,9 +576,8 @@ def analyse(
         frozenset(walk.fallback),
         len(leaves),
         tuple(sorted(walk.spans.items())),
-        tuple(
-            sorted(diagonal_heads(closed.jaxpr, walk.use_eqns, walk.act_pos).items())
-        ),
+        tuple(walk.use_eqns.items()),
+        tuple(walk.act_pos.items()),
     )
 
 
