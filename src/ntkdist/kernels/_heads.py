@@ -26,6 +26,7 @@ use as it was, which is always correct.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Sequence
 from typing import Any
 
@@ -103,21 +104,19 @@ def _is_literal_scalar(v: Any) -> bool:
 
 
 def _reaches_output_linearly(
-    eqns: Sequence[Any], start: int, out: Any, reads: dict[Any, int]
+    eqns: Sequence[Any], start: int, out: Any, readers: dict[Any, list[int]]
 ) -> bool:
     """Whether the output of ``eqns[start]`` becomes ``out`` through one chain
     of adds of values not made from it, literal scalings, casts and reshapes,
     each value of the chain read once."""
     cur = eqns[start].outvars[0]
-    for eqn in eqns[start + 1 :]:
-        if cur is out:
-            break
-        if reads.get(cur) != 1:
+    while cur is not out:
+        found = readers.get(cur, [])
+        if len(found) != 1 or found[0] < 0:
             return False
-        hits = [k for k, v in enumerate(eqn.invars) if v is cur]
-        if not hits:
-            continue
+        eqn = eqns[found[0]]
         name = eqn.primitive.name
+        hits = [k for k, v in enumerate(eqn.invars) if v is cur]
         if len(hits) != 1 or name not in _AFTER_HEAD or len(eqn.outvars) != 1:
             return False
         (k,) = hits
@@ -127,19 +126,20 @@ def _reaches_output_linearly(
         elif name in ("add", "sub") and _shape(eqn.outvars[0]) != _shape(cur):
             return False
         cur = eqn.outvars[0]
-    return cur is out
+    return True
 
 
-def _reads(jaxpr: Any) -> dict[Any, int]:
-    reads: dict[Any, int] = {}
-    for eqn in jaxpr.eqns:
+def _readers(jaxpr: Any) -> dict[Any, list[int]]:
+    """The equations reading each variable, in order (the outputs as ``-1``)."""
+    readers: dict[Any, list[int]] = {}
+    for at, eqn in enumerate(jaxpr.eqns):
         for v in eqn.invars:
             if not isinstance(v, jcore.Literal):
-                reads[v] = reads.get(v, 0) + 1
+                readers.setdefault(v, []).append(at)
     for v in jaxpr.outvars:
         if not isinstance(v, jcore.Literal):
-            reads[v] = reads.get(v, 0) + 1
-    return reads
+            readers.setdefault(v, []).append(-1)
+    return readers
 
 
 def diagonal_heads(
@@ -155,15 +155,15 @@ def diagonal_heads(
     if len(jaxpr.outvars) != 1 or isinstance(jaxpr.outvars[0], jcore.Literal):
         return {}
     (out,) = jaxpr.outvars
-    reads = _reads(jaxpr)
+    readers = _readers(jaxpr)
     eqns = list(jaxpr.eqns)
     found: dict[int, int] = {}
     for start, eqn in enumerate(eqns):
         u = use_eqns.get(id(eqn))
         if u is None:
             continue
-        head = _head_of(eqns, start, use_eqns, act_pos, out)
-        if head is not None and _reaches_output_linearly(eqns, head[1], out, reads):
+        head = _head_of(eqns, start, use_eqns, act_pos, out, readers)
+        if head is not None and _reaches_output_linearly(eqns, head[1], out, readers):
             found[u] = head[0]
     return found
 
@@ -174,12 +174,25 @@ def _head_of(
     use_eqns: dict[int, int],
     act_pos: dict[int, int],
     out: Any,
+    readers: dict[Any, list[int]],
 ) -> tuple[int, int] | None:
     """The one head use (and its equation's position) that the output of
-    ``eqns[start]`` reaches through elementwise primitives alone, if so."""
-    made = {eqns[start].outvars[0]}
+    ``eqns[start]`` reaches through elementwise primitives alone, if so.
+
+    Visits only the equations that read what it made, in order (a jaxpr is
+    topologically sorted), so each use costs what it reaches, not the model.
+    """
+    z = eqns[start].outvars[0]
+    made = {z}
     head = None
-    for at in range(start + 1, len(eqns)):
+    todo = [at for at in readers.get(z, []) if at >= 0]
+    heapq.heapify(todo)
+    seen: set[int] = set()
+    while todo:
+        at = heapq.heappop(todo)
+        if at in seen:
+            continue
+        seen.add(at)
         eqn = eqns[at]
         ins = [
             k
@@ -197,6 +210,10 @@ def _head_of(
         if not _is_elementwise(eqn):
             return None
         made.update(eqn.outvars)
+        for v in eqn.outvars:
+            for r in readers.get(v, []):
+                if r >= 0:
+                    heapq.heappush(todo, r)
     if head is None or out in made:
         return None
     return head
