@@ -200,8 +200,9 @@ def _interrupt_then_resume(root, reference, sig, extra):
     # Only the job's own progress lines before it, and one line after.
     assert all(ln.startswith("[ntkdist]") for ln in lines[:-1]), text
     assert lines[-1].startswith("ntkdist compute: interrupted: "), text
-    assert "tiles are on disk" in lines[-1] and "run the same command to resume" in (
-        lines[-1]
+    assert (
+        "tiles are on disk" in lines[-1]
+        and "run the same command to resume" in (lines[-1])
     )
     assert _group_gone(proc.pid), "processes of the job's group outlived it"
     status = subprocess.run(

@@ -242,6 +242,7 @@ def test_cli_message_maps_keywords_to_flags():
 # -- 5. one input loader, clear messages ------------------------------------------
 
 
+@pytest.mark.slow  # 12 s: a dozen CLI processes
 def test_every_input_takes_npz_key_and_fails_clearly(files):
     compute(files, "--x1", "split.npz:xtr", "--output", "trace", "--tile", "10")
     base = [
