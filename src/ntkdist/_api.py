@@ -41,6 +41,7 @@ from ._run import (
 )
 from ._units import parse_bytes
 from .executors import AbstractExecutor, read_block
+from .executors._devices import default_workers
 from .kernels import AbstractKernelStrategy
 from .kernels._choose import run_first
 from .storage import KernelStore, check_same_job, params_digest
@@ -238,7 +239,7 @@ def plan(
         job,
         tile=tile,
         memory_budget=memory_budget,
-        workers=workers or _default_workers(),
+        workers=workers or default_workers(),
         probe=probe,
         cache=cache,
     )[1]
@@ -506,9 +507,3 @@ def repair(
                 lock=lock,
             )
         return holes, corrupt
-
-
-def _default_workers() -> int:
-    from .executors._dask import default_workers  # distributed: only when needed
-
-    return default_workers()

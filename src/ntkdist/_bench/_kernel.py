@@ -24,6 +24,7 @@ import ntkdist
 
 from .._model import Model
 from .._planner import format_bytes
+from ..executors._devices import default_workers
 from ..kernels import get
 from . import _tiles as bench
 
@@ -90,8 +91,6 @@ def run_kernel(
     fn, params, shape = bench.reference_mlp()
     model = Model(fn)
     x = np.random.default_rng(0).normal(size=(n, *shape)).astype(np.float32)
-    from ..executors._dask import default_workers
-
     n_workers = 1 if executor == "serial" else workers or default_workers()
     rows = []
     for output in outputs:

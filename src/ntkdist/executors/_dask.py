@@ -29,9 +29,10 @@ from .._model import Model
 from .._planner import Tile
 from ..storage._space import WriteFault
 from ._base import AbstractExecutor, OnDone
+from ._devices import default_workers as default_workers, local_gpus
 from ._spec import TileSpec
 from ._task import ByValue, run_tile
-from ._workers import GPU_RESOURCE, JaxWorkerPlugin, jax_worker_env, local_gpus
+from ._workers import GPU_RESOURCE, JaxWorkerPlugin, jax_worker_env
 
 # Futures in flight per worker thread: enough to keep workers busy, few
 # enough that an interrupted job loses little.
@@ -57,11 +58,6 @@ class IgnoreSigint(WorkerPlugin):
     def setup(self, worker: Any) -> None:
         """Ignore SIGINT in this worker process."""
         ignore_sigint()
-
-
-def default_workers() -> int:
-    """Worker processes an embedded cluster starts: one per GPU, else per core."""
-    return len(local_gpus()) or os.cpu_count() or 1
 
 
 def workers_log() -> str:

@@ -24,6 +24,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 
 from .._errors import ClusterError, InputError
 from .._hugepages import huge_pages_env
+from ._devices import local_gpus as local_gpus
 
 if TYPE_CHECKING:
     from distributed import Worker
@@ -93,26 +94,6 @@ def jax_worker_env(x64: bool) -> dict[str, str]:
     if "JAX_PLATFORMS" in os.environ:
         env["JAX_PLATFORMS"] = os.environ["JAX_PLATFORMS"]
     return env
-
-
-def local_gpus() -> list[str]:
-    """The CUDA devices this process's JAX sees, as ``CUDA_VISIBLE_DEVICES`` values.
-
-    Empty unless JAX's default backend here is a GPU. JAX numbers the devices
-    it sees from 0; with ``CUDA_VISIBLE_DEVICES`` set those are positions in
-    it, so the values returned are what a child process must be given to see
-    the same physical device.
-    """
-    import jax
-
-    if jax.default_backend() != "gpu":
-        return []
-    ids = [d.id for d in jax.local_devices()]
-    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")]
-    visible = [v for v in visible if v]
-    if visible:
-        return [visible[i] for i in ids if i < len(visible)]
-    return [str(i) for i in ids]
 
 
 def pin_first_device() -> None:

@@ -343,7 +343,7 @@ def _sample_factors(
     scales: dict[int, Any],
     deltas: dict[int, jax.Array],
     dfb: Sequence[jax.Array],
-    dact: dict[int, jax.Array] | None = None,
+    m: dict[int, jax.Array],
 ) -> tuple[list[tuple[jax.Array, jax.Array]], list[jax.Array]]:
     grams = []
     rows = []
@@ -357,9 +357,9 @@ def _sample_factors(
                 s = scales.get(g.bias.index)
                 ones = jnp.ones((*a[0].shape[:-1], 1), a[0].dtype)
                 a = [jnp.concatenate([a[0], _scale(ones, s)], axis=-1)]
-            if g.head is not None and dact is not None:
+            if g.head is not None:  # m: ∂f/∂h at the head (``head_deltas``)
                 (u,) = g.uses
-                q = folded_delta(deltas[u.index], dact[g.head])
+                q = folded_delta(deltas[u.index], m[g.head])
                 d = [_canon_delta_steps(u, q)]
             else:
                 d = [_canon_delta_steps(u, deltas[u.index]) for u in g.uses]
