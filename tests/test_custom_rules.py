@@ -207,6 +207,47 @@ def test_auto_falls_back_when_the_cheapest_strategy_cannot_trace(monkeypatch):
         ntkdist.ntk(gain, p, x1, strategy=_Broken())
 
 
+@dataclasses.dataclass(frozen=True)
+class _BrokenContract(NtkVectorProducts):
+    """Factors that trace, a contraction that cannot, and the cheapest cost."""
+
+    name = "broken_contract"
+
+    def contract(self, model, params, f1, f2, output):
+        raise NotImplementedError("no rule for this model")
+
+    def cost(self, model, params, x, n1, n2, output):
+        return ntkdist.kernels.Cost(flops=0.0, bytes=0.0)
+
+
+@pytest.mark.parametrize("broken", [_Broken, _BrokenContract])
+def test_plan_and_compute_skip_the_cheapest_strategy_when_it_cannot_trace(
+    tmp_path, monkeypatch, broken
+):
+    """``auto`` plans every strategy but traces support only in cost order:
+    a cheapest strategy that fails while planning, or only while tracing a
+    whole tile, is passed over for the next."""
+    monkeypatch.setitem(STRATEGIES, broken.name, broken)
+    p = _params()
+    x1, _ = _inputs()
+    plan = ntkdist.plan(gain, p, x1, output="trace", tile=2, probe=False)
+    assert plan.strategy in ("jacobian", "ntvp", "structured")
+    store = ntkdist.compute(
+        gain,
+        p,
+        x1,
+        store=str(tmp_path / "k.zarr"),
+        output="trace",
+        tile=2,
+        executor="serial",
+        progress=False,
+    )
+    assert store.plan.strategy == plan.strategy
+    assert_kernel_close(
+        np.asarray(store.kernel[...]), reference_ntk(gain, p, x1, None, output="trace")
+    )
+
+
 def test_compute_refuses_a_while_loop_before_creating_a_store(tmp_path):
     p = _params()
     x1, _ = _inputs()

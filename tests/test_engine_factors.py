@@ -260,6 +260,53 @@ def test_auto_picks_the_strategy_with_the_smallest_predicted_job_time():
     )
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_the_rate_probe_compiles_the_programs_the_tiles_run(
+    data, symmetric, monkeypatch
+):
+    """A cheap tile is probed at its own shape, even above the probe's usual
+    side, so its first tile compiles nothing (JAX reports each backend
+    compilation); a costly one is probed at that side."""
+    import jax
+
+    from ntkdist import _planning
+    from ntkdist._planning import cost_model, probe_sides
+
+    monkeypatch.setattr(_planning, "RATE_PROBE", 2)
+    from ntkdist.kernels._jit import contract_fn, factors_fn
+
+    p, x1, x2 = data
+    x2 = None if symmetric else x2
+    # A model of its own: nothing compiled by an earlier test is reused.
+    job = prepare(
+        lambda q, x: mlp(q, x), p, x1, x2, output="full", strategy="structured"
+    )
+    job, plan = plan_job(job, tile=4, probe=False)
+    assert probe_sides(plan, cost_model(job)) == (plan.tile_rows, plan.tile_cols)
+    monkeypatch.setattr(_planning, "PROBE_FLOPS", 0.0)
+    assert probe_sides(plan, cost_model(job)) == (2, 2)
+    monkeypatch.undo()
+    monkeypatch.setattr(_planning, "RATE_PROBE", 2)
+    compiled: list[str] = []
+
+    def listen(event, duration, **_):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiled.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        _, probed = plan_job(job, tile=4, probe=True)
+        assert probed.flop_rate > 0 and compiled
+        compiled.clear()
+        a = (job.strategy, job.model, job.output, job.params)
+        f1 = factors_fn(*a, jax.numpy.asarray(x1[4:8]))
+        f2 = factors_fn(*a, jax.numpy.asarray((x1 if x2 is None else x2)[:4]))
+        jax.block_until_ready(contract_fn(*a, f1, f2))
+        assert not compiled
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+
+
 def test_jacobian_rows_are_reused_too(tmp_path, data):
     p, x1, _ = data
     none = _compute(

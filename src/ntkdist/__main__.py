@@ -1,8 +1,6 @@
 """``python -m ntkdist``: the command line."""
 
-import sys
-
-from ._cli import main
+from ._cli import script
 
 if __name__ == "__main__":
-    sys.exit(main())
+    script()

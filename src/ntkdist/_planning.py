@@ -31,8 +31,11 @@ from .storage import StoreSpec
 
 # Tile sides at which a strategy's cost is evaluated to fit the cost model.
 COST_PROBE = 16
-# Largest probe tile timed to measure the FLOP rates.
+# Probe side timed to measure the FLOP rates when the plan's tile is costly.
 RATE_PROBE = 256
+# Tiles up to this many FLOPs (both factor passes and the contraction) are
+# probed at their own shape, so the probe compiles the programs the tiles run.
+PROBE_FLOPS = 1e11
 
 
 def cost_model(job: Job) -> CostModel:
@@ -56,31 +59,50 @@ def cost_model(job: Job) -> CostModel:
     )
 
 
+def probe_sides(plan: Plan, cost: CostModel) -> tuple[int, int]:
+    """The blocks the rate probe times: the plan's tile where it is cheap.
+
+    A tile of at most ``PROBE_FLOPS`` is probed at its own shape: the probe
+    then compiles the very programs the tiles run (jit's cache keeps them),
+    so the first tile does not compile again. A costlier tile is probed at
+    ``RATE_PROBE`` samples a side (or its own, if smaller).
+    """
+    r, c = plan.tile_rows, plan.tile_cols
+    if cost.tile_flops(r, c) <= PROBE_FLOPS:
+        return r, c
+    p = min(r, c, RATE_PROBE)
+    return p, p
+
+
 def measure_rate(job: Job, plan: Plan, cost: CostModel) -> tuple[float, float | None]:
     """FLOP/s of contractions and of factor passes, measured here.
 
-    Uses the jitted functions the workers run, on a probe block of up to
-    ``RATE_PROBE`` samples (compiled first, then timed once). The factor rate
-    is ``None`` for strategies whose factors cost nothing.
+    Uses the jitted functions the workers run, on the blocks of
+    :func:`probe_sides` (each compiled first, then timed once). The factor
+    rate is ``None`` for strategies whose factors cost nothing.
     """
-    p = min(plan.tile_rows, plan.tile_cols, RATE_PROBE)
-    x = jnp.asarray(np.asarray(job.x1[:p]))
-    if len(x) < p:
+    p1, p2 = probe_sides(plan, cost)
+    x1 = jnp.asarray(np.asarray(job.x1[:p1]))
+    x2 = jnp.asarray(np.asarray((job.x1 if job.x2 is None else job.x2)[:p2]))
+    if len(x1) < p1 or len(x2) < p2:
         return 0.0, None
     args = (job.strategy, job.model, job.output, job.params)
 
     def timed(fn: Any, *a: Any) -> tuple[Any, float]:
-        jax.block_until_ready(fn(*args, *a))  # compile
+        fn.lower(*args, *a).compile()  # jit's cache keeps it for the tiles
         t0 = time.perf_counter()
         out = jax.block_until_ready(fn(*args, *a))
         return out, max(time.perf_counter() - t0, 1e-9)
 
-    f1, t_factors = timed(factors_fn, x)
-    f2 = jax.block_until_ready(factors_fn(*args, x[::-1]))
+    f1, t_factors = timed(factors_fn, x1)
+    # A symmetric job's tiles contract two blocks of one shape: time one
+    # block's factors against themselves (the work of any other pair).
+    same = job.x2 is None or (p1 == p2 and x1.dtype == x2.dtype)
+    f2 = f1 if same else jax.block_until_ready(factors_fn(*args, x2))
     _, t_contract = timed(contract_fn, f1, f2)
     c, a, _, d = cost.flops
-    factor_rate = a * p / t_factors if a > 0 else None
-    return max(0.0, c + d * p * p) / t_contract, factor_rate
+    factor_rate = a * p1 / t_factors if a > 0 else None
+    return max(0.0, c + d * p1 * p2) / t_contract, factor_rate
 
 
 def plan_job(
@@ -105,20 +127,17 @@ def plan_job(
     candidates = [job]
     if job.auto:
         candidates = [with_strategy(job, get(name)) for name in STRATEGIES]
-    plans: list[tuple[float, int, Job, Plan, CostModel]] = []
+    plans: list[tuple[float, int, Job, Plan, CostModel, bool]] = []
     errors: list[PlanError] = []
     needs: dict[str, float] = {}  # auto: what each strategy's smallest tile needs
     budget = parse_bytes(memory_budget)
     limit = worker_memory(workers) if budget is None else None
     disk = disk_space(disk_dir)
     for k, cand in enumerate(candidates):
-        if cand.strategy is not job.strategy:
-            try:  # auto: a strategy that cannot handle the model is no candidate
-                check_supported(
-                    cand.strategy, cand.model, cand.params, cand.probe, cand.output
-                )
-            except ModelError:
-                continue
+        # auto: a strategy that cannot handle the model is no candidate. Its
+        # support is checked only where it matters (below, in cost order), as
+        # tracing one costs about as much as planning it.
+        checked = cand.strategy is job.strategy
         try:
             p, cost = _plan_one(cand, tile, budget, workers, cache, limit, disk)
             if tune:
@@ -126,18 +145,26 @@ def plan_job(
                     cand, p, cost, (tile, budget, workers, cache, limit, disk)
                 )
         except PlanError as e:
+            if not checked and not _supported(cand):
+                continue
             errors.append(e)
             side = 1 if tile is None else max(1, min(tile, max(cand.n1, cand.n2)))
             needs[cand.strategy.name] = cost_model(cand).worker_bytes(side, side)
             continue
+        except Exception:
+            if checked or _supported(cand):
+                raise
+            continue
         # Ties go to structured (the first among equals below).
         rank = 0 if cand.strategy.name == "structured" else 1 + k
-        plans.append((p.nominal_seconds, rank, cand, p, cost))
-    if not plans:
+        plans.append((p.nominal_seconds, rank, cand, p, cost, checked))
+    plans.sort(key=lambda t: (t[0], t[1]))
+    chosen = next((t for t in plans if t[5] or _supported(t[2])), None)
+    if chosen is None:
         if job.auto and needs and budget is not None:
             raise _auto_refusal(job, tile, budget, needs)
         raise errors[0]
-    _, _, job, best, cost = min(plans, key=lambda t: (t[0], t[1]))
+    _, _, job, best, cost, _ = chosen
     if probe:
         rate, factor_rate = measure_rate(job, best, cost)
         best = dataclasses.replace(
@@ -147,6 +174,15 @@ def plan_job(
             parallel=parallel_over(workers),
         )
     return job, best
+
+
+def _supported(job: Job) -> bool:
+    """Whether ``job``'s strategy can compute its model's kernel (traced once)."""
+    try:
+        check_supported(job.strategy, job.model, job.params, job.probe, job.output)
+    except ModelError:
+        return False
+    return True
 
 
 def _auto_refusal(

@@ -10,6 +10,7 @@ from ._engine import (
     EXIT_PROBLEMS as EXIT_PROBLEMS,
     build_parser as build_parser,
     main as main,
+    script as script,
 )
 from ._load import (
     canonical_model_spec as canonical_model_spec,

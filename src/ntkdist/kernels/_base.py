@@ -124,7 +124,8 @@ class AbstractKernelStrategy(abc.ABC):
 
     @abc.abstractmethod
     def factors(self, model: Model, params: Any, x: jax.Array, output: str) -> Any:
-        """Per-sample factors of the samples ``x`` (a pytree of arrays)."""
+        """Per-sample factors of the samples ``x``: a pytree of arrays, each
+        with the samples along its first axis."""
 
     @abc.abstractmethod
     def contract(
