@@ -166,3 +166,25 @@ def test_a_folder_named_ntkdist_beside_a_script_does_not_shadow_the_package(tmp_
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ntkdist._api"
+
+
+def test_a_job_run_in_process_loads_no_dask(tmp_path):
+    """An in-process ``compute`` (and the store it records) needs neither
+    ``dask`` nor ``distributed``: importing them would cost every small job
+    about 0.1 s (dask) to 0.5 s (distributed)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np, jax.numpy as jnp, ntkdist\n"
+        "x = np.ones((6, 3), np.float32)\n"
+        "s = ntkdist.compute(lambda p, x: jnp.tanh(x @ p), np.ones((3, 2), np.float32),"
+        f" x, store={str(tmp_path / 'k.zarr')!r}, tile=3, progress=False)\n"
+        "assert s.complete and s.spec.versions['dask'], s.spec.versions\n"
+        "loaded = {'dask', 'distributed'} & set(sys.modules)\n"
+        "assert not loaded, loaded\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr

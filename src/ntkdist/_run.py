@@ -242,13 +242,19 @@ def _qualname(fn: Any) -> str:
 
 
 def _versions() -> dict[str, str]:
-    import dask
+    """The versions a store records; dask's from its metadata (an in-process
+    job does not import dask, 0.1 s)."""
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:
+        dask_version = version("dask")
+    except PackageNotFoundError:
+        dask_version = "unknown"
     return {
         "ntkdist": __version__,
         "jax": jax.__version__,
         "zarr": zarr.__version__,
-        "dask": dask.__version__,
+        "dask": dask_version,
         "python": sys.version.split()[0],
     }
 
