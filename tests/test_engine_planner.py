@@ -184,7 +184,7 @@ def _big_tiles_model():
 
 def test_without_a_budget_tiles_fit_the_machine_limit():
     """No budget given: tiles are sized within the memory limit, and the plan
-    says so; an explicit budget or tile leaves the limit out."""
+    says so; an explicit tile is checked against it; a budget replaces it."""
     m = _big_tiles_model()
     common = {
         "n1": 4096,
@@ -207,8 +207,15 @@ def test_without_a_budget_tiles_fit_the_machine_limit():
     assert Plan.from_json(fitted.to_json()) == fitted
     budgeted = make_plan(**common, memory_budget=2 * 2**30, memory_limit=limit)
     assert budgeted.memory_limit is None and budgeted.memory_budget == 2 * 2**30
-    explicit = make_plan(**common, tile=512, memory_limit=limit)
-    assert explicit.tile == 512 and explicit.memory_limit is None
+    explicit = make_plan(**common, tile=fitted.tile, memory_limit=limit)
+    assert explicit.tile == fitted.tile and explicit.memory_limit == limit
+    # a given tile the machine cannot hold is refused (it was killed for memory)
+    with pytest.raises(PlanError) as info:
+        make_plan(**common, tile=512, memory_limit=limit)
+    need = format_bytes(m.worker_bytes(512, 512))
+    assert f"tile=512 needs {need} per worker, more than the 4.0 GiB" in str(info.value)
+    assert f"the largest tile that fits is {fitted.tile}" in str(info.value)
+    assert make_plan(**common, tile=512, memory_limit=limit, memory_budget=2**50).tile
     # a limit that cannot hold even one sample is ignored, not turned into an error
     tiny = make_plan(**common, memory_limit=1.0)
     assert tiny.tile == free.tile
@@ -254,3 +261,41 @@ def test_a_resnet_plan_without_a_budget_fits_this_machine():
     assert p.memory_budget is None and p.memory_limit == worker_memory(2)
     assert p.peak_bytes_per_worker <= p.memory_limit
     assert p.tile < 683
+
+
+def test_a_given_resnet_tile_gets_rules_that_fit_this_machine():
+    """A ResNet-18 ``trace`` tile of 64 given by hand: the default rules (for
+    256-sample tiles) keep per-weight Jacobian rows, 29.5 GiB per worker
+    predicted, and the run was killed for memory. The plan now takes the
+    rules for smaller tiles until the tile fits, or refuses."""
+    import ntkdist
+    from ntkdist._bench._models import REAL_CASES
+    from ntkdist.kernels import StructuredDerivatives
+
+    fn, params, shape = REAL_CASES["resnet18-cifar"]()
+    x = np.zeros((128, *shape), np.float32)
+    p = ntkdist.plan(
+        fn,
+        params,
+        x,
+        output="trace",
+        tile=64,
+        workers=2,
+        probe=False,
+        strategy="structured",
+    )
+    assert p.tile == 64 and p.memory_limit is not None
+    assert p.peak_bytes_per_worker <= p.memory_limit
+    assert "nominal_tile=256" not in p.strategy_repr
+    unfit = ntkdist.plan(
+        fn,
+        params,
+        x,
+        output="trace",
+        tile=64,
+        workers=2,
+        probe=False,
+        strategy=StructuredDerivatives(),
+        memory_budget=2**50,
+    )
+    assert unfit.peak_bytes_per_worker > p.memory_limit  # the default rules'

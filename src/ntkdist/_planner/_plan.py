@@ -47,7 +47,8 @@ class Plan:
         strategy_repr: the strategy instance's ``repr`` (``structured``
             records the tile its per-weight rules were chosen for).
         memory_limit: without a budget, the bytes per worker the tile was
-            sized within: this machine's memory per worker (or ``None``).
+            sized within (or, given, checked against): this machine's memory
+            per worker (or ``None``).
         tile_flops: predicted FLOPs of one full tile.
         total_flops: predicted FLOPs of all tiles.
         peak_bytes_per_worker: predicted peak resident bytes of one worker.
@@ -325,6 +326,21 @@ def make_plan(
                     f"largest tile that fits is {fits}. Pass tile<={fits} or raise "
                     "the budget."
                 )
+        elif memory_limit is not None and cost.worker_bytes(1, 1) <= memory_limit:
+            # No budget given: the tile must fit the machine, as a sized one does.
+            if cost.worker_bytes(t, t) > memory_limit:
+                fits = largest_tile_within(
+                    memory_limit, cost, n_max, what=what, output=output
+                )
+                raise PlanError(
+                    f"tile={tile} needs {format_bytes(cost.worker_bytes(t, t))} per "
+                    f"worker, more than the {format_bytes(memory_limit)} a worker "
+                    f"has on this machine; the largest tile that fits is {fits}. "
+                    f"Pass tile<={fits} (or no tile, to have it sized), or "
+                    "memory_budget= if the workers run where there is more memory."
+                )
+        else:
+            memory_limit = None
     else:
         budget = memory_budget if memory_budget is not None else math.inf
         if memory_budget is None and memory_limit is not None:
@@ -355,7 +371,7 @@ def make_plan(
         dtype=dtype,
         workers=workers,
         memory_budget=memory_budget,
-        memory_limit=memory_limit if memory_budget is None and tile is None else None,
+        memory_limit=memory_limit if memory_budget is None else None,
     )
     tr, tc = plan.tile_rows, plan.tile_cols
     worker = cost.worker_bytes(tr, tc)
