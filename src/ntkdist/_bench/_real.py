@@ -78,9 +78,18 @@ def one_tile(case: str, tile: int, output: str, repeats: int, strategy: str) -> 
     else:
         chosen = for_tile(strategy, tile, tile)
     predicted = chosen.cost(model, params, x1, tile, tile, output)
-    # What ``compute``'s plan budgets for a worker running such tiles.
+    # What ``compute``'s plan budgets for a worker running such tiles (one
+    # worker: the tile runs alone in this process, with this machine's memory).
     planned = ntkdist.plan(
-        fn, params, x1, x2, output=output, strategy=chosen, tile=tile, probe=False
+        fn,
+        params,
+        x1,
+        x2,
+        output=output,
+        strategy=chosen,
+        tile=tile,
+        probe=False,
+        workers=1,
     )
     before = _rss_now()
 
