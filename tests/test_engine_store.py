@@ -305,3 +305,51 @@ def test_a_store_written_before_later_keys_opens_and_resumes(tmp_path):
     s = ntkdist.compute(mlp, p, x, store=path, precision="default", **kw)
     assert s.complete
     np.testing.assert_array_equal(s.kernel[...], done)
+
+
+def test_factor_blocks_written_leaf_by_leaf_are_zarrs_bytes(tmp_path, monkeypatch):
+    """A block's factor leaves go straight to their chunk file, one after another
+    (no joined copy): the same file, checksum and read-back as through zarr."""
+    from ntkdist.storage import _direct
+    from ntkdist.storage._direct import checksum
+    from ntkdist.storage._factors import (
+        FACTOR_GROUP,
+        create_factor_store,
+        read_factors,
+        write_factors,
+    )
+
+    rng = np.random.default_rng(0)
+    # float64 leaves of odd sizes, some not contiguous, stored as float32: a
+    # leaf spans pieces, and pieces end inside leaves.
+    leaves = [
+        rng.normal(size=(3, 1001)),
+        rng.normal(size=(7, 5)).T,
+        np.arange(4099, dtype=np.float32),
+    ]
+    items = sum(v.size for v in leaves)
+    joined = np.concatenate([np.asarray(v, np.float32).ravel() for v in leaves])
+    files, sums, joins = [], [], []
+    write_joined = _direct.write_joined_file
+    monkeypatch.setattr(
+        _direct,
+        "write_joined_file",
+        lambda *a: joins.append(1) or write_joined(*a),
+    )
+    for direct in (False, True):
+        monkeypatch.setattr(_direct, "DIRECT_MIN_BYTES", 0 if direct else 1 << 62)
+        monkeypatch.setattr(_direct, "_PIECE", 4096)
+        root = str(tmp_path / f"{direct}.zarr")
+        zarr.open_group(root, mode="w")
+        create_factor_store(root, "x1", 3, items, "float32")
+        write_factors(root, "x1", 1, leaves)
+        got = read_factors(root, "x1", 1)
+        np.testing.assert_array_equal(got, joined)
+        assert read_factors(root, "x1", 0) is None  # not written: absent
+        chunk = tmp_path / f"{direct}.zarr" / FACTOR_GROUP / "x1" / "c" / "1" / "0"
+        files.append(chunk.read_bytes())
+        done = zarr.open_array(root, path=f"{FACTOR_GROUP}/x1_done", mode="r")
+        sums.append(int(done[1]))
+        assert len(joins) == int(direct)  # the direct case took the direct path
+    assert files[0] == files[1] == joined.tobytes()
+    assert sums[0] == sums[1] == checksum(joined)

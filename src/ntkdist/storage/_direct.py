@@ -16,7 +16,7 @@ import os
 import threading
 import uuid
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -121,36 +121,71 @@ def write_chunk_file(
     Returns:
         ``checksum(block)``.
     """
+    crc = _replace_file(path, lambda: _pieces(block, chunk_shape, fill))
+    nbytes = block.size * block.itemsize
+    return (((nbytes & 0xFFFFFFFF) << 32) | crc) or 1
+
+
+def write_joined_file(path: str, arrays: Iterable[Any], dtype: Any) -> int:
+    """Write a chunk file holding the C-order bytes of ``arrays``, one after another.
+
+    As :func:`write_chunk_file` writes, without joining the arrays first:
+    each is converted to ``dtype`` in turn (a view where it already has it),
+    so a block's factors are written with no copy of them all.
+
+    Returns:
+        :func:`checksum` of the joined bytes.
+    """
+    arrays = list(arrays)
+    nbytes = 0
+
+    def pieces() -> Iterator[tuple[memoryview, list[memoryview]]]:
+        nonlocal nbytes
+        nbytes = 0
+        for a in arrays:
+            flat = np.ascontiguousarray(np.asarray(a, dtype=dtype)).reshape(-1)
+            raw = memoryview(flat).cast("B")
+            nbytes += len(raw)
+            for k in range(0, len(raw), _PIECE):
+                piece = raw[k : k + _PIECE]
+                yield piece, [piece]
+
+    crc = _replace_file(path, pieces)
+    return (((nbytes & 0xFFFFFFFF) << 32) | crc) or 1
+
+
+def _replace_file(
+    path: str, pieces: Callable[[], Iterator[tuple[memoryview, list[memoryview]]]]
+) -> int:
+    """Write ``pieces()`` to a temporary file renamed to ``path``; return the CRC-32
+    of their data."""
     directory = os.path.dirname(path)
     os.makedirs(directory, exist_ok=True)
     tmp = f"{path}.{uuid.uuid4().hex}.partial"
     try:
         try:
-            crc = _write_file(tmp, block, chunk_shape, fill, direct=True)
+            crc = _write_file(tmp, pieces, direct=True)
         except OSError as err:
             if err.errno != errno.EINVAL:
                 raise
             # The file system takes no O_DIRECT (tmpfs, some network ones).
             os.unlink(tmp)
-            crc = _write_file(tmp, block, chunk_shape, fill, direct=False)
+            crc = _write_file(tmp, pieces, direct=False)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    nbytes = block.size * block.itemsize
-    return (((nbytes & 0xFFFFFFFF) << 32) | crc) or 1
+    return crc
 
 
 def _write_file(
     path: str,
-    block: np.ndarray,
-    chunk_shape: tuple[int, ...],
-    fill: Any,
+    pieces: Callable[[], Iterator[tuple[memoryview, list[memoryview]]]],
     *,
     direct: bool,
 ) -> int:
-    """Write the chunk's bytes to a new file ``path``; return the block's CRC-32."""
+    """Write ``pieces()`` to a new file ``path``; return the CRC-32 of their data."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
     direct_flag = getattr(os, "O_DIRECT", 0) if direct else 0
     fd = os.open(path, flags | direct_flag, 0o666)
@@ -160,7 +195,7 @@ def _write_file(
         try:
             out = _Out(fd, bufs, pool, direct_flag)
             crc = 0
-            for piece, data in _pieces(block, chunk_shape, fill):
+            for piece, data in pieces():
                 for d in data:
                     crc = zlib.crc32(d, crc)
                 out.write(piece)
