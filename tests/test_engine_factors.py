@@ -271,10 +271,9 @@ def test_the_rate_probe_compiles_the_programs_the_tiles_run(
 
     from ntkdist import _planning
     from ntkdist._planning import cost_model, probe_sides
-
-    monkeypatch.setattr(_planning, "RATE_PROBE", 2)
     from ntkdist.kernels._jit import contract_fn, factors_fn
 
+    monkeypatch.setattr(_planning, "RATE_PROBE", 2)
     p, x1, x2 = data
     x2 = None if symmetric else x2
     # A model of its own: nothing compiled by an earlier test is reused.
@@ -282,11 +281,11 @@ def test_the_rate_probe_compiles_the_programs_the_tiles_run(
         lambda q, x: mlp(q, x), p, x1, x2, output="full", strategy="structured"
     )
     job, plan = plan_job(job, tile=4, probe=False)
-    assert probe_sides(plan, cost_model(job)) == (plan.tile_rows, plan.tile_cols)
-    monkeypatch.setattr(_planning, "PROBE_FLOPS", 0.0)
-    assert probe_sides(plan, cost_model(job)) == (2, 2)
-    monkeypatch.undo()
-    monkeypatch.setattr(_planning, "RATE_PROBE", 2)
+    cost = cost_model(job)
+    assert probe_sides(plan, cost) == (plan.tile_rows, plan.tile_cols)
+    with monkeypatch.context() as costly:
+        costly.setattr(_planning, "PROBE_FLOPS", 0.0)
+        assert probe_sides(plan, cost) == (2, 2)
     compiled: list[str] = []
 
     def listen(event, duration, **_):

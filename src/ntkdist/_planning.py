@@ -81,11 +81,8 @@ def measure_rate(job: Job, plan: Plan, cost: CostModel) -> tuple[float, float | 
     :func:`probe_sides` (each compiled first, then timed once). The factor
     rate is ``None`` for strategies whose factors cost nothing.
     """
-    p1, p2 = probe_sides(plan, cost)
+    p1, p2 = probe_sides(plan, cost)  # at most each input's samples
     x1 = jnp.asarray(np.asarray(job.x1[:p1]))
-    x2 = jnp.asarray(np.asarray((job.x1 if job.x2 is None else job.x2)[:p2]))
-    if len(x1) < p1 or len(x2) < p2:
-        return 0.0, None
     args = (job.strategy, job.model, job.output, job.params)
 
     def timed(fn: Any, *a: Any) -> tuple[Any, float]:
@@ -95,10 +92,12 @@ def measure_rate(job: Job, plan: Plan, cost: CostModel) -> tuple[float, float | 
         return out, max(time.perf_counter() - t0, 1e-9)
 
     f1, t_factors = timed(factors_fn, x1)
-    # A symmetric job's tiles contract two blocks of one shape: time one
-    # block's factors against themselves (the work of any other pair).
-    same = job.x2 is None or (p1 == p2 and x1.dtype == x2.dtype)
-    f2 = f1 if same else jax.block_until_ready(factors_fn(*args, x2))
+    # Blocks of one shape (a symmetric job's): time one block's factors
+    # against themselves, the work of any other pair.
+    f2 = f1
+    if job.x2 is not None and (p1, job.x1.dtype) != (p2, job.x2.dtype):
+        x2 = jnp.asarray(np.asarray(job.x2[:p2]))
+        f2 = jax.block_until_ready(factors_fn(*args, x2))
     _, t_contract = timed(contract_fn, f1, f2)
     c, a, _, d = cost.flops
     factor_rate = a * p1 / t_factors if a > 0 else None

@@ -311,44 +311,35 @@ def make_plan(
     """
     what = f"output={output!r} with strategy {strategy!r}"
     n_max = max(n1, n2)
+    # Without a budget, tiles fit the machine (memory_limit), sized or given,
+    # wherever even one sample fits it; a budget replaces the limit.
+    if memory_budget is not None or (
+        memory_limit is not None and cost.worker_bytes(1, 1) > memory_limit
+    ):
+        memory_limit = None
+    cap = memory_budget if memory_budget is not None else memory_limit
     if tile is not None:
         if tile < 1:
             raise InputError(f"tile={tile}; expected a positive number of samples.")
         t = min(tile, n_max)
-        if memory_budget is not None:
-            fits = largest_tile_within(
-                memory_budget, cost, n_max, what=what, output=output
+        if cap is not None and cost.worker_bytes(t, t) > cap:
+            fits = largest_tile_within(cap, cost, n_max, what=what, output=output)
+            over, advice = (
+                (f" but memory_budget={format_bytes(cap)}", "raise the budget")
+                if memory_budget is not None
+                else (
+                    f", more than the {format_bytes(cap)} a worker has on this machine",
+                    "pass no tile, to have it sized, or memory_budget= if the "
+                    "workers run where there is more memory",
+                )
             )
-            if fits < t:
-                raise PlanError(
-                    f"tile={tile} needs {format_bytes(cost.worker_bytes(t, t))} per "
-                    f"worker but memory_budget={format_bytes(memory_budget)}; the "
-                    f"largest tile that fits is {fits}. Pass tile<={fits} or raise "
-                    "the budget."
-                )
-        elif memory_limit is not None and cost.worker_bytes(1, 1) <= memory_limit:
-            # No budget given: the tile must fit the machine, as a sized one does.
-            if cost.worker_bytes(t, t) > memory_limit:
-                fits = largest_tile_within(
-                    memory_limit, cost, n_max, what=what, output=output
-                )
-                raise PlanError(
-                    f"tile={tile} needs {format_bytes(cost.worker_bytes(t, t))} per "
-                    f"worker, more than the {format_bytes(memory_limit)} a worker "
-                    f"has on this machine; the largest tile that fits is {fits}. "
-                    f"Pass tile<={fits} (or no tile, to have it sized), or "
-                    "memory_budget= if the workers run where there is more memory."
-                )
-        else:
-            memory_limit = None
+            raise PlanError(
+                f"tile={tile} needs {format_bytes(cost.worker_bytes(t, t))} per "
+                f"worker{over}; the largest tile that fits is {fits}. Pass "
+                f"tile<={fits} or {advice}."
+            )
     else:
-        budget = memory_budget if memory_budget is not None else math.inf
-        if memory_budget is None and memory_limit is not None:
-            # No budget given: fit the machine, where even one sample fits it.
-            if cost.worker_bytes(1, 1) <= memory_limit:
-                budget = memory_limit
-            else:
-                memory_limit = None
+        budget = cap if cap is not None else math.inf
         t = largest_tile_within(
             budget, cost, min(n_max, max_tile), what=what, output=output
         )
@@ -371,7 +362,7 @@ def make_plan(
         dtype=dtype,
         workers=workers,
         memory_budget=memory_budget,
-        memory_limit=memory_limit if memory_budget is None else None,
+        memory_limit=memory_limit,
     )
     tr, tc = plan.tile_rows, plan.tile_cols
     worker = cost.worker_bytes(tr, tc)

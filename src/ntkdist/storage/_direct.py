@@ -37,7 +37,12 @@ def checksum(block: np.ndarray) -> int:
         True
     """
     raw = memoryview(np.ascontiguousarray(block)).cast("B")
-    return (((raw.nbytes & 0xFFFFFFFF) << 32) | zlib.crc32(raw)) or 1
+    return _checksum(raw.nbytes, zlib.crc32(raw))
+
+
+def _checksum(nbytes: int, crc: int) -> int:
+    """:func:`checksum` from the length and CRC-32 of the bytes."""
+    return (((nbytes & 0xFFFFFFFF) << 32) | crc) or 1
 
 
 # Chunks of at least this many bytes in a local store are written by
@@ -122,8 +127,7 @@ def write_chunk_file(
         ``checksum(block)``.
     """
     crc = _replace_file(path, lambda: _pieces(block, chunk_shape, fill))
-    nbytes = block.size * block.itemsize
-    return (((nbytes & 0xFFFFFFFF) << 32) | crc) or 1
+    return _checksum(block.size * block.itemsize, crc)
 
 
 def write_joined_file(path: str, arrays: Iterable[Any], dtype: Any) -> int:
@@ -137,21 +141,18 @@ def write_joined_file(path: str, arrays: Iterable[Any], dtype: Any) -> int:
         :func:`checksum` of the joined bytes.
     """
     arrays = list(arrays)
-    nbytes = 0
 
     def pieces() -> Iterator[tuple[memoryview, list[memoryview]]]:
-        nonlocal nbytes
-        nbytes = 0
         for a in arrays:
             flat = np.ascontiguousarray(np.asarray(a, dtype=dtype)).reshape(-1)
             raw = memoryview(flat).cast("B")
-            nbytes += len(raw)
             for k in range(0, len(raw), _PIECE):
                 piece = raw[k : k + _PIECE]
                 yield piece, [piece]
 
     crc = _replace_file(path, pieces)
-    return (((nbytes & 0xFFFFFFFF) << 32) | crc) or 1
+    nbytes = sum(int(np.size(a)) for a in arrays) * np.dtype(dtype).itemsize
+    return _checksum(nbytes, crc)
 
 
 def _replace_file(
