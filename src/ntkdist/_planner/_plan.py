@@ -52,6 +52,10 @@ class Plan:
         tile_flops: predicted FLOPs of one full tile.
         total_flops: predicted FLOPs of all tiles.
         peak_bytes_per_worker: predicted peak resident bytes of one worker.
+        compiled_bytes: the tile's programs' own peak bytes as XLA assigned
+            their buffers when it compiled them; ``peak_bytes_per_worker``
+            is then sized on it (``None``: not compiled, the cost model's
+            estimate).
         bytes_on_disk: kernel bytes before compression.
         flop_rate: FLOP/s of one worker's contractions, measured on a probe
             tile (or ``None``).
@@ -102,6 +106,7 @@ class Plan:
     factor_rate: float | None = None
     memory_limit: float | None = None
     strategy_repr: str = ""
+    compiled_bytes: float | None = None
 
     def __post_init__(self) -> None:
         """Check the plan is self-consistent."""
@@ -211,7 +216,14 @@ class Plan:
             ("bytes on disk", f"{format_bytes(self.bytes_on_disk)} (uncompressed)"),
             (
                 "peak memory/worker",
-                f"{format_bytes(self.peak_bytes_per_worker)} (budget {budget})",
+                f"{format_bytes(self.peak_bytes_per_worker)} ("
+                + (
+                    "estimated"
+                    if self.compiled_bytes is None
+                    else f"XLA assigns the tile's programs "
+                    f"{format_bytes(self.compiled_bytes)}"
+                )
+                + f"; budget {budget})",
             ),
             ("factors", self._factor_line()),
             (
@@ -394,9 +406,11 @@ def make_plan(
     else:
         raise InputError(f"cache={cache!r}; expected 'auto' or one of {CACHE_LEVELS}.")
     flops, read = figures[level]
+    # The cache keeps whole blocks only: one larger than it keeps nothing.
+    block = factor_bytes_per_sample * min(tr, tc)
     held = (
         0.0
-        if level == "none"
+        if level == "none" or block > cache_budget
         else min(cache_budget, _all_factor_bytes(plan, factor_bytes_per_sample))
     )
     return dataclasses.replace(
