@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -287,3 +288,81 @@ def test_a_given_resnet_tile_gets_rules_that_fit_this_machine(monkeypatch):
     default = StructuredDerivatives()
     unfit = ntkdist.plan(fn, params, x, strategy=default, memory_budget=2**50, **kw)
     assert unfit.peak_bytes_per_worker > limit  # the default rules'
+
+
+def test_a_factor_cache_is_counted_beside_the_tile_not_twice():
+    """A worker's factor cache holds the tile's own two blocks, which the
+    tile's figure counts already; a cache smaller than one block holds none."""
+    m = CostModel((0, 0, 0, 1), (0, 8, 8, 0), 1, 8, 8)
+    common = {"out_dim": 1, "output": "trace", "symmetric": True, "dtype": "float64"}
+    common.update(strategy="jacobian", cost=m, tile=50, cache="memory")
+    per = 1e6  # factor bytes per sample
+    worker = m.worker_bytes(50, 50)
+    p = make_plan(n1=100, n2=100, factor_bytes_per_sample=per, **common)
+    assert p.peak_bytes_per_worker == worker  # both blocks are the tile's
+    p = make_plan(n1=400, n2=400, factor_bytes_per_sample=per, **common)
+    assert p.peak_bytes_per_worker == worker + 400 * per - 100 * per
+    p = make_plan(
+        n1=400, n2=400, factor_bytes_per_sample=per, cache_budget=4e7, **common
+    )
+    assert p.peak_bytes_per_worker == worker  # a block (5e7) exceeds the cache
+
+
+def _wide(p, x):
+    """Small weights around two wide constant layers: a backward pass holds
+    ``O`` times ``[n, 65536]`` deltas, the factors a few numbers a sample."""
+    rng = np.random.default_rng(0)
+    c1 = rng.standard_normal((8, 1 << 16)).astype(np.float32) / 3
+    c2 = rng.standard_normal((1 << 16, 8)).astype(np.float32) / 256
+    return (jnp.tanh(jnp.tanh(x @ p["w1"]) @ c1) @ c2) @ p["w2"]
+
+
+def test_a_tile_is_sized_on_what_its_programs_compile_to(monkeypatch):
+    """The cost model counts a strategy's factors, not the deltas a backward
+    pass holds on the way: for ``_wide`` it fits tiles of 1024 in 2 GiB,
+    whose programs XLA assigns 2.8 GiB. A probed plan compiles the tile's
+    programs (without running them), shrinks a sized tile until they fit,
+    records their figure, and refuses a given tile they do not fit."""
+    import ntkdist
+    from ntkdist import _planning
+    from ntkdist._planner._budget import XLA_HEADROOM
+
+    rng = np.random.default_rng(1)
+    params = {
+        "w1": rng.standard_normal((8, 8)).astype(np.float32),
+        "w2": rng.standard_normal((8, 10)).astype(np.float32),
+    }
+    x = rng.standard_normal((4096, 8)).astype(np.float32)
+    budget = 2 * 2**30
+    seen = []
+
+    real = _planning.compiled_bytes
+
+    def spy(job, rows, cols):
+        seen.append((rows, cols, real(job, rows, cols)))
+        return seen[-1][2]
+
+    monkeypatch.setattr(_planning, "compiled_bytes", spy)
+    kw = {"output": "trace", "memory_budget": budget, "strategy": "structured"}
+    estimated = ntkdist.plan(_wide, params, x, probe=False, **kw)
+    assert estimated.compiled_bytes is None and not seen
+    assert "estimated" in str(estimated)
+    probed = ntkdist.plan(_wide, params, x, **kw)
+    first, last = seen[0], seen[-1]
+    assert first[:2] == (estimated.tile, estimated.tile)
+    assert WORKER_BASELINE_BYTES + XLA_HEADROOM * first[2] > budget  # did not fit
+    assert probed.tile < estimated.tile and last[:2] == (probed.tile, probed.tile)
+    assert probed.compiled_bytes == last[2]
+    assert (
+        WORKER_BASELINE_BYTES + XLA_HEADROOM * last[2] <= probed.peak_bytes_per_worker
+    )
+    assert probed.peak_bytes_per_worker <= budget
+    assert format_bytes(probed.compiled_bytes) in str(probed)
+    # Both blocks' factors are among the buffers (float32, exact sizes).
+    factors = probed.factor_bytes / x.shape[0] * 2 * probed.tile
+    assert probed.compiled_bytes >= factors
+    assert ntkdist.plan(_wide, params, x, tile=1024, probe=False, **kw).tile == 1024
+    with pytest.raises(
+        PlanError, match=r"tile=1024 needs .* the largest tile that fits is \d+"
+    ):
+        ntkdist.plan(_wide, params, x, tile=1024, **kw)

@@ -36,6 +36,8 @@ RATE_PROBE = 256
 # Tiles up to this many FLOPs (both factor passes and the contraction) are
 # probed at their own shape, so the probe compiles the programs the tiles run.
 PROBE_FLOPS = 1e11
+# Tiles compiled at most while a sized tile is shrunk to fit its programs.
+FIT_ROUNDS = 5
 
 
 def cost_model(job: Job) -> CostModel:
@@ -159,15 +161,20 @@ def _fit_compiled(
     """
     tile, rest = args[0], args[1:]
     cap = rest[0] if rest[0] is not None else rest[3]  # the budget, or the limit
-    for _ in range(3):
-        compiled = compiled_bytes(job, plan.tile_rows, plan.tile_cols)
+    points: list[tuple[int, int, float]] = []
+    calibrated = cost
+    for _ in range(FIT_ROUNDS):
+        rows, cols = plan.tile_rows, plan.tile_cols
+        compiled = compiled_bytes(job, rows, cols)
         if compiled is None:
             return plan, cost
-        calibrated = cost.calibrated(plan.tile_rows, plan.tile_cols, compiled)
+        points.append((rows, cols, compiled))
+        calibrated = cost.calibrated(points)
         keep = (
             tile is not None
             or cap is None
-            or calibrated.worker_bytes(plan.tile_rows, plan.tile_cols) <= cap
+            or calibrated.worker_bytes(rows, cols) <= cap
+            or plan.tile == 1
         )
         plan, _ = _plan_one(job, plan.tile if keep else None, *rest, cost=calibrated)
         if keep:

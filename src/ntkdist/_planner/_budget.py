@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 
 from .._errors import PlanError
 from .._units import format_bytes as format_bytes, parse_bytes as parse_bytes
@@ -102,25 +103,38 @@ class CostModel:
             + inputs
         )
 
-    def calibrated(self, n1: int, n2: int, compiled: float) -> CostModel:
-        """This model with its bytes scaled to the compiled tile programs.
+    def calibrated(self, points: Sequence[tuple[int, int, float]]) -> CostModel:
+        """This model with its bytes fitted to compiled tile programs.
 
-        ``compiled`` is the peak of an ``n1 × n2`` tile's programs as XLA
-        assigned their buffers; the scaled model predicts ``XLA_HEADROOM``
-        times that for the strategy's arrays at that tile, and scales with
-        the tile's sides as the model does elsewhere.
+        ``points`` are ``(n1, n2, compiled)``: the peak bytes of an ``n1 × n2``
+        tile's programs as XLA assigned their buffers. The fitted model
+        predicts ``XLA_HEADROOM`` times that for the strategy's arrays at the
+        last point. With one point the model is scaled; with two (tiles of
+        different sizes) the bytes are the line through the last two in the
+        tile's samples ``n1 + n2``, as most of a program's buffers grow with
+        the samples it holds.
 
         Example:
             >>> m = CostModel((0, 0, 0, 1), (0, 8, 8, 0), 1, 8, 8)
-            >>> c = m.calibrated(4, 4, 1000.0)
-            >>> round(XLA_OVERHEAD * c.strategy_bytes(4, 4))
+            >>> one = m.calibrated([(4, 4, 1000.0)])
+            >>> round(XLA_OVERHEAD * one.strategy_bytes(4, 4))
             1100
+            >>> two = m.calibrated([(4, 4, 1000.0), (2, 2, 600.0)])
+            >>> round(XLA_OVERHEAD * two.strategy_bytes(1, 1))
+            440
         """
-        target = XLA_HEADROOM * compiled / XLA_OVERHEAD
+        unit = XLA_HEADROOM / XLA_OVERHEAD
+        n1, n2, compiled = points[-1]
+        earlier = [p for p in points[:-1] if p[0] + p[1] != n1 + n2]
+        if earlier:
+            m1, m2, before = earlier[-1]
+            slope = unit * (before - compiled) / (m1 + m2 - n1 - n2)
+            base = unit * compiled - slope * (n1 + n2)
+            return dataclasses.replace(self, bytes=(base, slope, slope, 0.0))
         model = self.strategy_bytes(n1, n2)
         if model <= 0:
-            return dataclasses.replace(self, bytes=(target, 0.0, 0.0, 0.0))
-        k = target / model
+            return dataclasses.replace(self, bytes=(unit * compiled, 0.0, 0.0, 0.0))
+        k = unit * compiled / model
         return dataclasses.replace(self, bytes=tuple(b * k for b in self.bytes))
 
 

@@ -406,12 +406,17 @@ def make_plan(
     else:
         raise InputError(f"cache={cache!r}; expected 'auto' or one of {CACHE_LEVELS}.")
     flops, read = figures[level]
-    # The cache keeps whole blocks only: one larger than it keeps nothing.
+    # The cache keeps whole blocks only (one larger than it keeps nothing),
+    # the tile's own two among them, which ``worker`` counts already.
     block = factor_bytes_per_sample * min(tr, tc)
     held = (
         0.0
         if level == "none" or block > cache_budget
-        else min(cache_budget, _all_factor_bytes(plan, factor_bytes_per_sample))
+        else max(
+            0.0,
+            min(cache_budget, _all_factor_bytes(plan, factor_bytes_per_sample))
+            - factor_bytes_per_sample * (tr + tc),
+        )
     )
     return dataclasses.replace(
         plan,
