@@ -229,6 +229,9 @@ def test_real_section_resnet_tile_and_engine(tmp_path):
     assert row["strategy"] in STRATEGIES and row["seconds"] > 0
     assert row["peak_rss_bytes"] > row["rss_before_bytes"] > 0
     assert row["plan_worker_bytes"] > 0 and 0 < row["fraction_of_gemm"] < 2
+    # XLA's figure of the tile's program, and the peak predicted from it.
+    assert row["xla_tile_bytes"] > 0
+    assert row["xla_predicted_peak_bytes"] > row["rss_before_bytes"]
     engine = result["real_engine"]
     assert engine["n"] == 6 and engine["tiles"] >= 1 and engine["seconds"] > 0
     assert engine["tiles_per_second"] > 0 and engine["fraction_of_gemm"] > 0
@@ -236,6 +239,7 @@ def test_real_section_resnet_tile_and_engine(tmp_path):
     assert (planned["n1"], planned["n2"], planned["output"]) == (40, 30, "trace")
     assert planned["tiles"] >= 1 and planned["predicted_seconds"] > 0
     assert "trace 40×30" in planned["text"]
+    assert "XLA assigns the tile's programs" in planned["text"]  # compiled
 
 
 def test_real_models_match_their_descriptions():

@@ -10,6 +10,7 @@ a probe block to predict the wall time. :func:`plan_to_run` is the plan
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import shutil
 import time
@@ -26,7 +27,12 @@ from ._planner._budget import round_up, smaller_output
 from ._units import format_bytes, parse_bytes
 from .kernels import STRATEGIES, StructuredDerivatives, check_supported, get, tile_shape
 from .kernels._choose import from_record
-from .kernels._jit import contract_fn, factor_bytes_per_sample, factors_fn
+from .kernels._jit import (
+    buffer_bytes,
+    contract_fn,
+    factor_bytes_per_sample,
+    factors_fn,
+)
 from .storage import StoreSpec
 
 # Tile sides at which a strategy's cost is evaluated to fit the cost model.
@@ -124,26 +130,16 @@ def compiled_bytes(job: Job, rows: int, cols: int) -> float | None:
 
     s1 = block(job.x1, rows)
     s2 = s1 if job.x2 is None else block(job.x2, cols)
-    try:
-        m1 = factors_fn.lower(*args, s1).compile().memory_analysis()
-        m2 = m1 if s2 == s1 else factors_fn.lower(*args, s2).compile().memory_analysis()
-        f1 = jax.eval_shape(lambda x: factors_fn(*args, x), s1)
-        f2 = f1 if s2 == s1 else jax.eval_shape(lambda x: factors_fn(*args, x), s2)
-        mc = contract_fn.lower(*args, f1, f2).compile().memory_analysis()
-    except NotImplementedError:  # a backend without memory analysis
+    f1 = jax.eval_shape(lambda x: factors_fn(*args, x), s1)
+    f2 = f1 if s2 == s1 else jax.eval_shape(lambda x: factors_fn(*args, x), s2)
+    second = buffer_bytes(factors_fn.lower(*args, s2).compile())
+    contraction = buffer_bytes(contract_fn.lower(*args, f1, f2).compile())
+    if second is None or contraction is None:
         return None
-    if m1 is None or m2 is None or mc is None:
-        return None
-
-    def own(m: Any) -> float:
-        return float(
-            m.argument_size_in_bytes
-            + m.temp_size_in_bytes
-            + m.output_size_in_bytes
-            - m.alias_size_in_bytes
-        )
-
-    return max(float(m1.output_size_in_bytes) + own(m2), own(mc))
+    held = sum(
+        math.prod(v.shape) * v.dtype.itemsize for v in jax.tree_util.tree_leaves(f1)
+    )
+    return max(float(held) + second, contraction)
 
 
 def _fit_compiled(

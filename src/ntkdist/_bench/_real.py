@@ -8,8 +8,10 @@ its own. Reported: the first call (compilation included), the median of the
 timed calls, the strategy ``auto`` ran, XLA's FLOPs of that tile and their
 fraction of the GEMM rate, the peak resident memory beside the plan's
 prediction for a worker running such tiles (``Plan.peak_bytes_per_worker``;
-the strategy's own predicted bytes are in the JSON), and the memory the
-process held before the first call (interpreter, JAX and the parameters).
+the strategy's own predicted bytes are in the JSON), the prediction from the
+tile's compiled program (the memory held before the first call, interpreter,
+JAX, the parameters and the compiled program, plus ``XLA_HEADROOM`` times the
+buffers XLA assigned the program), and the memory held before the first call.
 
 Then the whole symmetric kernel of one case through ``ntkdist.compute``
 (start-up, compilation and the Zarr store included), with the plan's
@@ -91,6 +93,17 @@ def one_tile(case: str, tile: int, output: str, repeats: int, strategy: str) -> 
         probe=False,
         workers=1,
     )
+    from .._planner._budget import XLA_HEADROOM
+    from ..kernels._base import _tile
+    from ..kernels._jit import buffer_bytes
+
+    # The tile's one program, compiled here for XLA's figure of its buffers
+    # (``ntk`` reuses it; the first call's time includes this compilation).
+    t0 = time.perf_counter()
+    compiled = buffer_bytes(
+        _tile.lower(chosen, model, output, params, x1, x2).compile()
+    )
+    compile_seconds = time.perf_counter() - t0
     before = _rss_now()
 
     def run() -> Any:
@@ -99,7 +112,7 @@ def one_tile(case: str, tile: int, output: str, repeats: int, strategy: str) -> 
 
     t0 = time.perf_counter()
     run()
-    first = time.perf_counter() - t0
+    first = compile_seconds + time.perf_counter() - t0
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -123,6 +136,10 @@ def one_tile(case: str, tile: int, output: str, repeats: int, strategy: str) -> 
         "predicted_bytes": predicted.bytes,
         "plan_worker_bytes": planned.peak_bytes_per_worker,
         "rss_before_bytes": before,
+        "xla_tile_bytes": compiled,
+        "xla_predicted_peak_bytes": (
+            None if compiled is None else before + XLA_HEADROOM * compiled
+        ),
         "peak_rss_bytes": peak,
         "device_peak_bytes": device,
         "backend": jax.default_backend(),
@@ -181,7 +198,12 @@ def _format(row: dict[str, Any]) -> str:
         f"{100 * row['fraction_of_gemm']:4.0f}% of GEMM  peak "
         f"{row['peak_rss_bytes'] / gib:5.2f} GiB "
         f"(before {row['rss_before_bytes'] / gib:4.2f})"
-        f"  plan {row['plan_worker_bytes'] / gib:5.2f} GiB"
+        + (
+            f"  XLA {row['xla_predicted_peak_bytes'] / gib:5.2f} GiB"
+            if row.get("xla_predicted_peak_bytes")
+            else ""
+        )
+        + f"  plan {row['plan_worker_bytes'] / gib:5.2f} GiB"
         + (
             f"  device peak {row['device_peak_bytes'] / gib:5.2f} GiB"
             if row.get("device_peak_bytes")

@@ -95,3 +95,21 @@ def factor_bytes_per_sample(
     if all(shape[:1] == (2,) for shape, _ in two):
         return size(two) / 2
     return float(size(two) - size(layout(1)))
+
+
+def buffer_bytes(compiled: Any) -> float | None:
+    """Bytes of a compiled program's buffers as XLA assigned them (arguments,
+    temporaries and outputs, less outputs aliasing arguments); ``None`` where
+    the backend reports no assignment."""
+    try:
+        m = compiled.memory_analysis()
+    except NotImplementedError:
+        return None
+    if m is None:
+        return None
+    return float(
+        m.argument_size_in_bytes
+        + m.temp_size_in_bytes
+        + m.output_size_in_bytes
+        - m.alias_size_in_bytes
+    )
