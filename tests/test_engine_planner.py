@@ -366,3 +366,29 @@ def test_a_tile_is_sized_on_what_its_programs_compile_to(monkeypatch):
         PlanError, match=r"tile=1024 needs .* the largest tile that fits is \d+"
     ):
         ntkdist.plan(_wide, params, x, tile=1024, **kw)
+
+
+def test_auto_holds_a_single_tile_to_its_budget_as_compiled():
+    """``ntk``'s ``auto`` with a budget checks each candidate's compiled tile
+    program: for ``_wide`` the cost model's bytes fit 64 MiB, but every
+    strategy's program holds the backward pass's wide deltas."""
+    import ntkdist
+    from ntkdist._model import Model
+    from ntkdist.kernels._choose import rank
+
+    rng = np.random.default_rng(2)
+    params = {
+        "w1": rng.standard_normal((8, 8)).astype(np.float32),
+        "w2": rng.standard_normal((8, 10)).astype(np.float32),
+    }
+    x = rng.standard_normal((256, 8)).astype(np.float32)
+    budget = 64 * 2**20
+    fitting, _, _ = rank(
+        Model(_wide), params, jnp.asarray(x), 256, 256, "trace", budget
+    )
+    assert "structured" in fitting  # what the model alone would have run
+    with pytest.raises(PlanError, match=r"structured needs .* as XLA compiles its"):
+        ntkdist.ntk(_wide, params, x, output="trace", memory_budget=budget)
+    roomy = ntkdist.ntk(_wide, params, x, output="trace", memory_budget="4GiB")
+    plain = ntkdist.ntk(_wide, params, x, output="trace")
+    np.testing.assert_allclose(roomy, plain, rtol=1e-6)

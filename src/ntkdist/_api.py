@@ -89,7 +89,8 @@ def ntk(
             ``"ntvp"`` (NTK-vector products), ``"structured"`` (structured
             derivatives), ``"auto"`` (fewest predicted FLOPs that fit
             ``memory_budget``), or an ``AbstractKernelStrategy``.
-        memory_budget: bytes ``auto`` may use (``"2GiB"`` or a number);
+        memory_budget: bytes ``auto``'s tile program may hold (``"2GiB"`` or
+            a number), as XLA assigns its buffers when it compiles it;
             ``None`` means no limit.
         check_finite: refuse NaN/inf in params or inputs (an error, not a warning).
         check_independence: refuse models whose outputs couple samples.
@@ -203,7 +204,10 @@ def plan(
         tile: tile side in samples; ``None`` sizes it from ``memory_budget``.
         memory_budget: bytes per worker (``"2GiB"`` or a number).
         workers: workers the figures assume (default: CPU count).
-        probe: time one small tile here to predict the wall time.
+        probe: compile the tile's programs here, for the memory XLA assigns
+            them (a sized tile they do not fit is made smaller), and time one
+            small tile to predict the wall time. Without it, the memory is the
+            cost model's estimate.
         cache: where factors are kept between tiles (``"auto"``, ``"none"``,
             ``"memory"``, ``"store"``; see :func:`compute`).
         precision: float32 matmul precision (see :func:`ntkdist.ntk`).

@@ -157,7 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="print the plan of a job without computing")
     _job_args(p)
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
-    p.add_argument("--no-probe", action="store_true", help="skip timing a probe tile")
+    p.add_argument(
+        "--no-probe",
+        action="store_true",
+        help="skip compiling the tile (memory from the cost model) and timing a probe",
+    )
     p.set_defaults(func=in_cli_words(_cmd_plan))
     s = sub.add_parser("status", help="progress, job, fingerprint and plan of a store")
     s.add_argument("store", metavar="STORE", help="the kernel store (Zarr) to describe")

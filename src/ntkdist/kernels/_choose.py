@@ -8,12 +8,15 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from .._errors import InputError, ModelError, PlanError
 from .._model import Model
+from .._planner._budget import XLA_HEADROOM
 from .._units import format_bytes
-from ._base import AbstractKernelStrategy, Cost
+from ._base import AbstractKernelStrategy, Cost, _tile
 from ._jacobian import JacobianContraction
+from ._jit import buffer_bytes
 from ._structured import StructuredDerivatives
 from ._support import all_refused, check_supported, is_failure_to_trace, refusal
 from ._vector_products import NtkVectorProducts
@@ -182,22 +185,37 @@ def run_first(
     :func:`for_tile` makes for its size. A strategy that cannot handle the
     model fails while JAX traces it, before any work: ``auto`` then moves on
     to the next cheapest, and an explicitly requested strategy raises a
-    :class:`ModelError` naming the construct.
+    :class:`ModelError` naming the construct. With a ``memory_budget``,
+    ``auto`` compiles each candidate's tile program first and passes over one
+    whose buffers (:func:`tile_bytes`) exceed it.
 
     Returns:
         The strategy that ran, and what ``run`` returned.
+
+    Raises:
+        PlanError: no candidate's program fits ``memory_budget``.
     """
     n1 = x1.shape[0]
     n2 = n1 if x2 is None else x2.shape[0]
     if strategy != "auto":
         candidates, refusals = [for_tile(strategy, n1, n2)], {}
     else:
-        names, _, refusals = rank(
-            model, params, x1, n1, n2, output, memory_budget, one_tile=True
+        # The budget is checked on each candidate's compiled program below;
+        # the cost model only orders them.
+        names, costs, refusals = rank(
+            model, params, x1, n1, n2, output, None, one_tile=True
         )
         candidates = [for_tile(name, n1, n2) for name in names]
+    needs: dict[str, float] = {}
     for cand in candidates:
         try:
+            if strategy == "auto" and memory_budget is not None:
+                need = tile_bytes(cand, model, params, x1, x2, output)
+                if need is None:  # no buffer assignment here: the model's
+                    need = costs[cand.name].bytes
+                if need > memory_budget:
+                    needs[cand.name] = need
+                    continue
             return cand, run(cand)
         except Exception as err:
             if not is_failure_to_trace(err):
@@ -206,4 +224,30 @@ def run_first(
             if strategy != "auto":
                 raise refused from err
             refusals[cand.name] = refused
+    if needs:
+        raise PlanError(
+            f"memory_budget={format_bytes(memory_budget or 0)} cannot hold one "
+            f"{n1}×{n2} tile of output={output!r} with any strategy ("
+            + ", ".join(f"{k} needs {format_bytes(v)}" for k, v in needs.items())
+            + ", as XLA compiles its program); raise the budget or use smaller "
+            "tiles"
+            + ("." if output in ("trace", "pntk") else ", or output='trace' or 'pntk'.")
+        )
     raise all_refused(refusals)
+
+
+def tile_bytes(
+    strategy: AbstractKernelStrategy,
+    model: Model,
+    params: Any,
+    x1: jax.Array,
+    x2: jax.Array | None,
+    output: str,
+) -> float | None:
+    """The bytes one tile's program holds, from the buffers XLA assigns it when
+    it compiles it (``XLA_HEADROOM`` times those); jit's cache keeps the
+    program for the call. ``None`` where the backend reports no assignment."""
+    spec = lambda v: jax.ShapeDtypeStruct(jnp.shape(v), jnp.result_type(v))
+    args = jax.tree_util.tree_map(spec, (params, x1, x2))
+    found = buffer_bytes(_tile.lower(strategy, model, output, *args).compile())
+    return None if found is None else XLA_HEADROOM * found
