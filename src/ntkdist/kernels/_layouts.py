@@ -112,24 +112,24 @@ def _canon_act(use: _walk.Use, act: jax.Array) -> jax.Array:
         af = [d for d in range(act.ndim) if d not in ac + ab]
         lay = _layout(use)
         return act.transpose(*ab_s, *af, *ac_s).reshape(lay.b, lay.t, lay.c)
-    patches = _conv_patches(use, act)  # [1, C, K, *out_spatial]
-    nsp = patches.ndim - 3
-    perm = (0, *range(3, 3 + nsp), 1, 2)
-    return patches.transpose(perm).reshape(1, -1, patches.shape[1] * patches.shape[2])
+    patches = _conv_patches(use, act)  # [1, *out_spatial, K, C]
+    return patches.reshape(1, -1, patches.shape[-2] * patches.shape[-1])
 
 
 def _conv_patches(use: _walk.Use, act: jax.Array) -> jax.Array:
-    """One sample's convolution patches ``[1, C, K, *out]`` by pad and strided slices.
+    """One sample's convolution patches ``[1, *out, K, C]`` by pad and strided slices.
 
-    ``C`` runs over the input features, ``K`` over the filter's spatial offsets
-    (in the weight's spatial axis order, row-major), and the output's spatial
-    axes are in the convolution's logical order. Only copies: exact at any
-    precision, and no one-hot convolution.
+    The output's spatial axes are in the convolution's logical order, ``K``
+    runs over the filter's spatial offsets (in the weight's spatial axis
+    order, row-major) and ``C`` over the input features: for channels-last
+    activations (NHWC) each slice is a contiguous copy, and the patches are
+    ``[T, K·C]`` without a transpose. Only copies: exact at any precision,
+    and no one-hot convolution.
     """
     p = use.params
     dn = p["dimension_numbers"]
     lhs_spec = dn.lhs_spec
-    x = act.transpose(lhs_spec)  # [N, C, *spatial] in logical order
+    x = act.transpose(lhs_spec[0], *lhs_spec[2:], lhs_spec[1])  # [N, *spatial, C]
     filt = [use.weight_shape[d] for d in dn.rhs_spec[2:]]
     out_sp = [use.out_shape[d] for d in dn.out_spec[2:]]
     strides = p["window_strides"]
@@ -137,20 +137,29 @@ def _conv_patches(use: _walk.Use, act: jax.Array) -> jax.Array:
     rhs_dil = p["rhs_dilation"] or (1,) * len(filt)
     pad = p["padding"]
     zero = jnp.zeros((), x.dtype)
-    cfg = [(0, 0, 0), (0, 0, 0)] + [
-        (int(lo), int(hi), int(d) - 1) for (lo, hi), d in zip(pad, lhs_dil, strict=True)
-    ]
+    cfg = (
+        [(0, 0, 0)]
+        + [
+            (int(lo), int(hi), int(d) - 1)
+            for (lo, hi), d in zip(pad, lhs_dil, strict=True)
+        ]
+        + [(0, 0, 0)]
+    )
     x = lax.pad(x, zero, cfg)
-    n, c = x.shape[:2]
+    n, c = x.shape[0], x.shape[-1]
     slices = []
     for offs in itertools.product(*(range(k) for k in filt)):
-        start = [0, 0] + [o * d for o, d in zip(offs, rhs_dil, strict=True)]
-        limit = [n, c] + [
-            st + (m - 1) * s + 1
-            for st, m, s in zip(start[2:], out_sp, strides, strict=True)
+        start = [0, *(o * d for o, d in zip(offs, rhs_dil, strict=True)), 0]
+        limit = [
+            n,
+            *(
+                st + (m - 1) * s + 1
+                for st, m, s in zip(start[1:-1], out_sp, strides, strict=True)
+            ),
+            c,
         ]
-        slices.append(lax.slice(x, start, limit, (1, 1, *strides)))
-    return jnp.stack(slices, axis=2)
+        slices.append(lax.slice(x, start, limit, (1, *strides, 1)))
+    return jnp.stack(slices, axis=-2)
 
 
 def _canon_delta(use: _walk.Use, delta: jax.Array) -> jax.Array:
@@ -185,7 +194,8 @@ def _rows_order(use: _walk.Use) -> tuple[int, ...]:
     if use.primitive == "conv_general_dilated":
         if use.params["batch_group_count"] != 1:
             return tuple(range(len(use.weight_shape)))
-        return tuple(use.params["dimension_numbers"].rhs_spec)
+        rhs = use.params["dimension_numbers"].rhs_spec  # (out, in, *spatial)
+        return (rhs[0], *rhs[2:], rhs[1])
     wc, _, wb, _ = _dot_axes(use)
     wf = [d for d in range(len(use.weight_shape)) if d not in wc + wb]
     return (*sorted(wb), *wf, *sorted(wc))
@@ -207,15 +217,16 @@ def _weight_rows(use: _walk.Use, act: jax.Array, delta: jax.Array) -> jax.Array:
     if p["batch_group_count"] != 1:
         return _vjp_rows(use, act, delta)
     g = p["feature_group_count"]
-    patches = _conv_patches(use, act)  # [1, C, K, *out]
-    c, k = patches.shape[1], patches.shape[2]
-    a = patches.reshape(g, (c // g) * k, -1)  # [G, Cg·K, T]
+    patches = _conv_patches(use, act)  # [1, *out, K, C]
+    k, c = patches.shape[-2], patches.shape[-1]
     d = _canon_delta(use, delta)  # [o, 1, T, F]
     f = d.shape[-1]
-    d = d.reshape(o, -1, g, f // g)  # [o, T, G, Fg]
     if g == 1:
-        return jnp.einsum("otf,ct->ofc", d[:, :, 0], a[0]).reshape(o, -1)
-    return jnp.einsum("otgf,gct->ogfc", d, a).reshape(o, -1)
+        a = patches.reshape(-1, k * c)  # [T, K·C]
+        return jnp.einsum("otf,tc->ofc", d[:, 0], a).reshape(o, -1)
+    a = patches.reshape(-1, k, g, c // g)  # [T, K, G, Cg]
+    d = d.reshape(o, -1, g, f // g)  # [o, T, G, Fg]
+    return jnp.einsum("otgf,tkgc->ogfkc", d, a).reshape(o, -1)
 
 
 def _vjp_rows(use: _walk.Use, act: jax.Array, delta: jax.Array) -> jax.Array:
