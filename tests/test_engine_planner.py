@@ -317,6 +317,16 @@ def _wide(p, x):
     return (jnp.tanh(jnp.tanh(x @ p["w1"]) @ c1) @ c2) @ p["w2"]
 
 
+def _wide_job(seed, n):
+    """Parameters of ``_wide`` and ``n`` inputs."""
+    rng = np.random.default_rng(seed)
+    params = {
+        "w1": rng.standard_normal((8, 8)).astype(np.float32),
+        "w2": rng.standard_normal((8, 10)).astype(np.float32),
+    }
+    return params, rng.standard_normal((n, 8)).astype(np.float32)
+
+
 def test_a_tile_is_sized_on_what_its_programs_compile_to(monkeypatch):
     """The cost model counts a strategy's factors, not the deltas a backward
     pass holds on the way: for ``_wide`` it fits tiles of 1024 in 2 GiB,
@@ -327,12 +337,7 @@ def test_a_tile_is_sized_on_what_its_programs_compile_to(monkeypatch):
     from ntkdist import _planning
     from ntkdist._planner._budget import XLA_HEADROOM
 
-    rng = np.random.default_rng(1)
-    params = {
-        "w1": rng.standard_normal((8, 8)).astype(np.float32),
-        "w2": rng.standard_normal((8, 10)).astype(np.float32),
-    }
-    x = rng.standard_normal((4096, 8)).astype(np.float32)
+    params, x = _wide_job(1, 4096)
     budget = 2 * 2**30
     seen = []
 
@@ -376,12 +381,7 @@ def test_auto_holds_a_single_tile_to_its_budget_as_compiled():
     from ntkdist._model import Model
     from ntkdist.kernels._choose import rank
 
-    rng = np.random.default_rng(2)
-    params = {
-        "w1": rng.standard_normal((8, 8)).astype(np.float32),
-        "w2": rng.standard_normal((8, 10)).astype(np.float32),
-    }
-    x = rng.standard_normal((256, 8)).astype(np.float32)
+    params, x = _wide_job(2, 256)
     budget = 64 * 2**20
     fitting, _, _ = rank(
         Model(_wide), params, jnp.asarray(x), 256, 256, "trace", budget
