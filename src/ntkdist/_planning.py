@@ -1,10 +1,11 @@
 """Planning a job: the measurements (jax) the pure planner is given.
 
-:func:`plan_job` evaluates the strategy's cost at four small tile sizes to fit
-a :class:`~ntkdist._planner.CostModel`, asks :func:`~ntkdist._planner.make_plan`
-for tiles and figures, and optionally times the workers' jitted functions on
-a probe block to predict the wall time. :func:`plan_to_run` is the plan
-``compute`` executes: a resumed store keeps its tile, cache level and strategy.
+:func:`plan_job` plans each candidate strategy (:mod:`ntkdist._tuning`: its cost
+model, tiles and ``structured``'s rules), and with a probe compiles the chosen
+tile's programs to size the worker on the buffers XLA assigns them
+(:func:`compiled_bytes`) and times them to predict the wall time.
+:func:`plan_to_run` is the plan ``compute`` executes: a resumed store keeps its
+tile, cache level and strategy.
 """
 
 from __future__ import annotations
@@ -26,21 +27,25 @@ from ._machine import (
     parallel_over as parallel_over,
     worker_memory,
 )
-from ._planner import CostModel, Plan, make_plan
+from ._planner import CostModel, Plan
 from ._planner._budget import round_up, smaller_output
+from ._tuning import (
+    COST_PROBE as COST_PROBE,
+    _default_structured,
+    _plan_one,
+    _plan_tuned,
+    cost_model as cost_model,
+)
 from ._units import format_bytes, parse_bytes
-from .kernels import STRATEGIES, StructuredDerivatives, check_supported, get, tile_shape
+from .kernels import STRATEGIES, StructuredDerivatives, check_supported, get
 from .kernels._choose import from_record
 from .kernels._jit import (
     buffer_bytes,
     contract_fn,
-    factor_bytes_per_sample,
     factors_fn,
 )
 from .storage import StoreSpec
 
-# Tile sides at which a strategy's cost is evaluated to fit the cost model.
-COST_PROBE = 16
 # Probe side timed to measure the FLOP rates when the plan's tile is costly.
 RATE_PROBE = 256
 # Tiles up to this many FLOPs (both factor passes and the contraction) are
@@ -48,27 +53,6 @@ RATE_PROBE = 256
 PROBE_FLOPS = 1e11
 # Tiles compiled at most while a sized tile is shrunk to fit its programs.
 FIT_ROUNDS = 5
-
-
-def cost_model(job: Job) -> CostModel:
-    """Fit the strategy's cost of an ``n1 × n2`` tile from four of its estimates."""
-    s = COST_PROBE
-    x = jnp.asarray(job.probe)
-    samples = {}
-    for a in (s, 2 * s):
-        for b in (s, 2 * s):
-            c = job.strategy.cost(job.model, job.params, x, a, b, job.output)
-            samples[(a, b)] = (float(c.flops), float(c.bytes))
-    out_items = int(np.prod(tile_shape(job.output, 1, 1, job.out_dim)))
-    feature = (
-        int(np.prod(job.x1.shape[1:], dtype=np.int64)) * np.dtype(job.x1.dtype).itemsize
-    )
-    return CostModel.fit(
-        samples,
-        out_items=out_items,
-        itemsize=np.dtype(job.dtype).itemsize,
-        feature_bytes=feature,
-    )
 
 
 def probe_sides(plan: Plan, cost: CostModel) -> tuple[int, int]:
@@ -184,6 +168,36 @@ def _fit_compiled(
     return plan, calibrated
 
 
+def _retune_compiled(
+    job: Job, plan: Plan, cost: CostModel, args: tuple[Any, ...]
+) -> tuple[Job, Plan, CostModel]:
+    """``structured`` with the richest rules whose compiled programs fit a given tile.
+
+    :func:`_plan_tuned` falls back to the rules of ever smaller tiles until
+    the estimate fits; the estimate errs high, so the rules between the
+    tile's own and those are compiled and checked here, richest first (a
+    ViT-tiny ``trace`` tile of 128: the rules of 2-sample tiles, 11.4 TFLOP a
+    tile, where those of 8-sample tiles, 3.6 TFLOP, fit this machine).
+    """
+    tile, rest = args[0], args[1:]
+    nominal = max(1, tile)
+    while nominal > job.strategy.nominal_tile:
+        cand = with_strategy(job, StructuredDerivatives(nominal_tile=nominal))
+        compiled = compiled_bytes(cand, plan.tile_rows, plan.tile_cols)
+        if compiled is None:
+            break
+        fitted = cost_model(cand).calibrated(
+            [(plan.tile_rows, plan.tile_cols, compiled)]
+        )
+        try:
+            better, _ = _plan_one(cand, tile, *rest, cost=fitted)
+        except PlanError:
+            nominal //= 4
+            continue
+        return cand, better, fitted
+    return job, plan, cost
+
+
 def plan_job(
     job: Job,
     *,
@@ -241,11 +255,15 @@ def plan_job(
         if job.auto and needs and budget is not None:
             raise _auto_refusal(job, tile, budget, needs)
         raise errors[0]
+    # ``structured``'s rules were chosen here (not given): a given tile whose
+    # default rules the estimate did not fit may take richer ones that do.
+    retune = tune and tile is not None and (job.auto or _default_structured(job))
     _, _, job, best, cost, _ = chosen
     if probe:
-        best, cost = _fit_compiled(
-            job, best, cost, (tile, budget, workers, cache, limit, disk)
-        )
+        args = (tile, budget, workers, cache, limit, disk)
+        if retune and isinstance(job.strategy, StructuredDerivatives):
+            job, best, cost = _retune_compiled(job, best, cost, args)
+        best, cost = _fit_compiled(job, best, cost, args)
         rate, factor_rate = measure_rate(job, best, cost)
         best = dataclasses.replace(
             best,
@@ -360,116 +378,3 @@ def _adopt(job: Job, plan: Plan) -> Job:
             f"{job.strategy!r} was given; pass the plan's strategy or 'auto'."
         )
     return job
-
-
-def _plan_tuned(
-    job: Job, args: tuple[Any, ...], tune: bool
-) -> tuple[Job, Plan, CostModel]:
-    """:func:`_plan_one`, then (``tune``) :func:`_tune_nominal`.
-
-    A given tile that the default ``structured`` rules do not fit in memory
-    is planned again with the rules chosen for that tile, then for ever
-    smaller ones, which hold fewer per-weight Jacobian rows (a ResNet-18
-    ``trace`` tile of 64: 29.5 GiB of predicted memory with the rules for
-    256-sample tiles, 11.5 GiB with those for 64); the first that fits wins.
-    """
-    tile = args[0]
-    try:
-        p, cost = _plan_one(job, *args)
-    except PlanError:
-        if not (tune and tile is not None and _default_structured(job)):
-            raise
-        nominal = max(1, tile)
-        while True:
-            cand = with_strategy(job, StructuredDerivatives(nominal_tile=nominal))
-            try:
-                p, cost = _plan_one(cand, *args)
-            except PlanError:
-                if nominal == 1:
-                    raise
-                nominal = max(1, nominal // 4)
-                continue
-            return cand, p, cost
-    if tune:
-        return _tune_nominal(job, p, cost, args)
-    return job, p, cost
-
-
-def _default_structured(job: Job) -> bool:
-    """Whether ``job`` runs ``structured`` with its default per-weight rules."""
-    return (
-        isinstance(job.strategy, StructuredDerivatives)
-        and job.strategy == StructuredDerivatives()
-    )
-
-
-def _tune_nominal(
-    job: Job, plan: Plan, cost: CostModel, args: tuple[Any, ...]
-) -> tuple[Job, Plan, CostModel]:
-    """``structured`` with its per-weight rules chosen for the tiles it gets.
-
-    The default instance chooses rows or gram for 256-sample tiles; where the
-    memory allows smaller tiles (a ResNet-18 on a CPU worker: 21 samples), the
-    rules are chosen again for the planned tile, which changes the tile, up to
-    three times; the plan with the fewest FLOPs is kept. An instance with its
-    own nominal tile or mode is kept as it is.
-    """
-    if not _default_structured(job):
-        return job, plan, cost
-    best = (job, plan, cost)
-    seen = {job.strategy.nominal_tile}
-    for _ in range(3):
-        r, c = plan.tile_rows, plan.tile_cols
-        nominal = max(1, round(2 * r * c / (r + c)))
-        if nominal in seen or nominal >= StructuredDerivatives.nominal_tile:
-            break
-        seen.add(nominal)
-        cand = with_strategy(job, StructuredDerivatives(nominal_tile=nominal))
-        try:
-            plan, cost = _plan_one(cand, *args)
-        except PlanError:
-            break
-        if plan.total_flops < best[1].total_flops:
-            best = (cand, plan, cost)
-    return best
-
-
-def _plan_one(
-    job: Job,
-    tile: int | None,
-    memory_budget: float | None,
-    workers: int,
-    cache: str,
-    memory_limit: float | None = None,
-    disk_limit: float | None = None,
-    cost: CostModel | None = None,
-) -> tuple[Plan, CostModel]:
-    """The plan of ``job`` with its own strategy, and that strategy's cost
-    model (``cost``: this one instead of the strategy's)."""
-    cost = cost_model(job) if cost is None else cost
-    per_sample = factor_bytes_per_sample(
-        job.strategy,
-        job.model,
-        job.params,
-        tuple(job.probe.shape[1:]),
-        job.probe.dtype,
-        job.output,
-    )
-    the_plan = make_plan(
-        n1=job.n1,
-        n2=job.n2,
-        out_dim=job.out_dim,
-        output=job.output,
-        symmetric=job.x2 is None,
-        dtype=job.dtype,
-        strategy=job.strategy.name,
-        cost=cost,
-        tile=tile,
-        memory_budget=memory_budget,
-        memory_limit=memory_limit,
-        disk_limit=disk_limit,
-        workers=workers,
-        factor_bytes_per_sample=per_sample,
-        cache=cache,
-    )
-    return dataclasses.replace(the_plan, strategy_repr=repr(job.strategy)), cost
