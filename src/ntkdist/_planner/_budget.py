@@ -19,7 +19,7 @@ XLA_OVERHEAD = 2.0
 # Allocations beside the buffers XLA assigns in a compiled program, as a share
 # of them (XLA:CPU's convolution scratch, the allocator's slack). Measured with
 # in-process ``compute`` jobs on CPU, CIFAR ResNet-18 and ViT-tiny tiles of 16
-# to 128 samples: peaks 3-22 % above XLA's figure (and the process baseline).
+# to 128 samples: peaks 2-22 % above XLA's figure (and the process baseline).
 XLA_HEADROOM = 1.2
 # Copies of an output tile alive at once in a task: the result, its cast,
 # the transposed mirror and zarr's encoded chunk.
