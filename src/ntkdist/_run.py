@@ -372,7 +372,14 @@ def run_tiles(
         def on_done(tile: Tile, checksums: tuple[int, int]) -> None:
             if lock is not None:
                 lock.check()
-            kstore.write_marker(tile, checksums)
+            try:
+                kstore.write_marker(tile, checksums)
+            except OSError:
+                # Paused mid-write past the lock's timeout: the job that took
+                # the store over removed this write's temporary file.
+                if lock is not None:
+                    lock.check()
+                raise
             report.tick()
             bar.advance()
 
@@ -387,6 +394,8 @@ def run_tiles(
         bar.close()
         if spec.cache != "none":
             _forget(runner, spec)
+    if failures and lock is not None:
+        lock.check()  # a chunk write lost to a job that took the store over
     fatal = [err for _, err in failures if is_fatal(err)]
     if fatal:
         left = kstore.todo()
