@@ -194,7 +194,7 @@ def _retune_compiled(
         except PlanError:
             nominal //= 4
             continue
-        return cand, better, fitted
+        return cand, dataclasses.replace(better, compiled_bytes=compiled), fitted
     return job, plan, cost
 
 
@@ -263,7 +263,8 @@ def plan_job(
         args = (tile, budget, workers, cache, limit, disk)
         if retune and isinstance(job.strategy, StructuredDerivatives):
             job, best, cost = _retune_compiled(job, best, cost, args)
-        best, cost = _fit_compiled(job, best, cost, args)
+        if best.compiled_bytes is None:  # not already sized on its programs
+            best, cost = _fit_compiled(job, best, cost, args)
         rate, factor_rate = measure_rate(job, best, cost)
         best = dataclasses.replace(
             best,

@@ -94,15 +94,12 @@ def one_tile(case: str, tile: int, output: str, repeats: int, strategy: str) -> 
         workers=1,
     )
     from .._planner._budget import XLA_HEADROOM
-    from ..kernels._base import _tile
-    from ..kernels._jit import buffer_bytes
+    from ..kernels._choose import tile_bytes
 
     # The tile's one program, compiled here for XLA's figure of its buffers
     # (``ntk`` reuses it; the first call's time includes this compilation).
     t0 = time.perf_counter()
-    compiled = buffer_bytes(
-        _tile.lower(chosen, model, output, params, x1, x2).compile()
-    )
+    need = tile_bytes(chosen, model, params, x1, x2, output)  # XLA_HEADROOM × buffers
     compile_seconds = time.perf_counter() - t0
     before = _rss_now()
 
@@ -136,10 +133,8 @@ def one_tile(case: str, tile: int, output: str, repeats: int, strategy: str) -> 
         "predicted_bytes": predicted.bytes,
         "plan_worker_bytes": planned.peak_bytes_per_worker,
         "rss_before_bytes": before,
-        "xla_tile_bytes": compiled,
-        "xla_predicted_peak_bytes": (
-            None if compiled is None else before + XLA_HEADROOM * compiled
-        ),
+        "xla_tile_bytes": None if need is None else need / XLA_HEADROOM,
+        "xla_predicted_peak_bytes": None if need is None else before + need,
         "peak_rss_bytes": peak,
         "device_peak_bytes": device,
         "backend": jax.default_backend(),

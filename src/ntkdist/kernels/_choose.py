@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from .._errors import InputError, ModelError, PlanError
 from .._model import Model
-from .._planner._budget import XLA_HEADROOM
+from .._planner._budget import XLA_HEADROOM, smaller_output
 from .._units import format_bytes
 from ._base import AbstractKernelStrategy, Cost, _tile
 from ._jacobian import JacobianContraction
@@ -197,6 +197,7 @@ def run_first(
     """
     n1 = x1.shape[0]
     n2 = n1 if x2 is None else x2.shape[0]
+    costs: dict[str, Cost] = {}
     if strategy != "auto":
         candidates, refusals = [for_tile(strategy, n1, n2)], {}
     else:
@@ -230,8 +231,7 @@ def run_first(
             f"{n1}×{n2} tile of output={output!r} with any strategy ("
             + ", ".join(f"{k} needs {format_bytes(v)}" for k, v in needs.items())
             + ", as XLA compiles its program); raise the budget or use smaller "
-            "tiles"
-            + ("." if output in ("trace", "pntk") else ", or output='trace' or 'pntk'.")
+            "tiles" + smaller_output(output) + "."
         )
     raise all_refused(refusals)
 
